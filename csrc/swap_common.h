@@ -1,0 +1,113 @@
+// The per-cell index arithmetic of the patch swap, written once for both
+// kernels: the CPU kernel includes it as plain C++, the CUDA kernel as
+// __host__ __device__ code, so the CPU tests exercise the same math the GPU
+// runs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define IPSD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define IPSD_HOST_DEVICE inline
+#endif
+
+namespace ipsd {
+
+// One sample of a dense image tensor, measured in "units": a unit is the
+// widest power-of-two word (1 to 16 bytes) that divides every run the swap
+// touches, so a kernel moves whole words regardless of the dtype. A swap is
+// pure data movement, which is why the dtype never matters, only its bytes.
+//
+// Both accepted memory formats reduce to the same shape. A sample is `planes`
+// planes of `rows` rows of `row_units` units, stored densely in that order:
+//   NCHW:          planes = C, one row = W pixels of one channel;
+//   channels_last: planes = 1, one row = W pixels with their C channels
+//                  interleaved.
+// Inside one row, the cells of one grid row are consecutive runs of
+// `cell_units` units; the last run of a row may be shorter (partial cell).
+struct SwapLayout {
+  int64_t planes;
+  int64_t rows;       // H
+  int64_t row_units;  // units in one row of one plane
+  int64_t cell_rows;  // patch height
+  int64_t cell_units; // units in one row of one full cell
+  int64_t grid_w;     // cells per grid row
+  int64_t cells;      // cells per sample, grid_h * grid_w
+
+  IPSD_HOST_DEVICE int64_t sample_units() const {
+    return planes * rows * row_units;
+  }
+};
+
+// The part of a sample covered by one cell, clipped at the image border.
+struct CellBox {
+  int64_t row0;
+  int64_t row_count;
+  int64_t unit0;
+  int64_t unit_count;
+
+  // Units the cell covers in one sample, over all planes.
+  IPSD_HOST_DEVICE int64_t units(int64_t planes) const {
+    return planes * row_count * unit_count;
+  }
+};
+
+IPSD_HOST_DEVICE int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+// Cells are numbered row-major over the (grid_h, grid_w) grid, as in the
+// plan's mask.
+IPSD_HOST_DEVICE CellBox cell_box(const SwapLayout& l, int64_t cell) {
+  const int64_t grid_row = cell / l.grid_w;
+  const int64_t grid_col = cell - grid_row * l.grid_w;
+  CellBox b;
+  b.row0 = grid_row * l.cell_rows;
+  b.row_count = min64(l.cell_rows, l.rows - b.row0);
+  b.unit0 = grid_col * l.cell_units;
+  b.unit_count = min64(l.cell_units, l.row_units - b.unit0);
+  return b;
+}
+
+// Offset, within a sample, of the first unit of the cell's run in `plane`
+// and in the cell's `row`-th row.
+template <typename index_t>
+IPSD_HOST_DEVICE index_t run_offset(
+    const SwapLayout& l, const CellBox& b, index_t plane, index_t row) {
+  return (plane * static_cast<index_t>(l.rows) +
+          static_cast<index_t>(b.row0) + row) *
+      static_cast<index_t>(l.row_units) +
+      static_cast<index_t>(b.unit0);
+}
+
+// Offset, within a sample, of the k-th of the cell's `b.units(planes)` units,
+// counting along a run first, so that consecutive k are consecutive in memory
+// (coalesced when consecutive threads take consecutive k).
+template <typename index_t>
+IPSD_HOST_DEVICE index_t cell_unit_offset(
+    const SwapLayout& l, const CellBox& b, index_t k) {
+  const index_t run_len = static_cast<index_t>(b.unit_count);
+  const index_t run = k / run_len;
+  const index_t in_run = k - run * run_len;
+  const index_t rows = static_cast<index_t>(b.row_count);
+  const index_t plane = run / rows;
+  const index_t row = run - plane * rows;
+  return run_offset<index_t>(l, b, plane, row) + in_run;
+}
+
+// Whether sample i moves `cell`: each pair is moved once, by its lower
+// member, so the two members never race. A partner outside [0, n) (a
+// corrupted plan) moves nothing rather than touching memory out of bounds.
+IPSD_HOST_DEVICE bool moves_cell(
+    const int64_t* partner,
+    const bool* mask,
+    int64_t n,
+    int64_t cells,
+    int64_t i,
+    int64_t cell) {
+  const int64_t j = partner[i];
+  return j > i && j < n && mask[i * cells + cell];
+}
+
+} // namespace ipsd

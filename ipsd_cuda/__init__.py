@@ -1,0 +1,17 @@
+"""ipsd_cuda: intra-class patch swap self-distillation for PyTorch.
+
+Pairs samples of the same class inside a batch and exchanges a random set of
+patches between the two members of each pair, in place, on the tensors' own
+device ("Intra-class Patch Swap for Self-Distillation", Choi et al., arXiv
+2505.14124). The more confident member of each pair then teaches the other.
+
+    plan = ipsd_cuda.swap(images, labels, patch_size=4)
+    loss = ipsd_cuda.ips_loss(model(images), labels, plan.partner)
+"""
+
+from ._ops import backends
+from .plan import SwapPlan, grid_for, make_plan
+from .swap import apply_plan, swap
+
+__all__ = ["SwapPlan", "apply_plan", "backends", "grid_for", "make_plan", "swap"]
+__version__ = "0.1.0"
