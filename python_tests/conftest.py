@@ -55,7 +55,7 @@ def random_bits(shape, dtype, *, generator, channels_last=False, device="cpu", s
 
 def bits(t):
     """``t`` viewed as same-width integers, for bit-for-bit comparison."""
-    return t.view(_INT_OF[t.dtype])
+    return t.view(_INT_OF.get(t.dtype, t.dtype))
 
 
 def same_bits(a, b):

@@ -51,6 +51,9 @@ def _check_swappable(name: str, t, dtypes, shape=None, device=None) -> None:
 
 def _check_disjoint(named) -> None:
     """Raise if two of the (dense) tensors to be written share memory."""
+    if torch.compiler.is_compiling():
+        # Traced tensors have no address; the eager call checks this.
+        return
     spans = []
     for name, t in named:
         start = t.data_ptr()

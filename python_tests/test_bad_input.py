@@ -1,0 +1,160 @@
+"""Every misuse raises a clear ValueError/TypeError before any byte changes (SPEC §6)."""
+
+import pytest
+import torch
+
+import ipsd_cuda
+from conftest import HAS_CUDA, random_bits, same_bits
+
+N, C, H, W = 6, 3, 10, 12
+
+
+def fresh():
+    g = torch.Generator().manual_seed(0)
+    images = random_bits((N, C, H, W), torch.float32, generator=g)
+    seg = random_bits((N, H, W), torch.int64, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    return images, labels, seg
+
+
+def kwargs(**overrides):
+    base = dict(patch_size=4)
+    base.update(overrides)
+    return base
+
+
+# (name, exception, message fragment, builder(images, labels, seg) -> (args, kwargs))
+CASES = [
+    ("images rank", ValueError, "images must be", lambda x, y, s: ((x[0], y), kwargs())),
+    ("images dtype", TypeError, "images must have dtype", lambda x, y, s: ((x.to(torch.int32), y), kwargs())),
+    ("images not a tensor", TypeError, "images must be a tensor", lambda x, y, s: ((x.numpy(), y), kwargs())),
+    ("labels length", ValueError, "labels must have length N = 6", lambda x, y, s: ((x, y[:5]), kwargs())),
+    ("labels dtype", TypeError, "labels must be int32 or int64", lambda x, y, s: ((x, y.float()), kwargs())),
+    ("labels rank", ValueError, "labels must be 1-d", lambda x, y, s: ((x, y[:, None]), kwargs())),
+    ("labels device", ValueError, "labels must be on the images' device", lambda x, y, s: ((x, y.to("meta")), kwargs())),
+    ("target H", ValueError, r"targets\[0\] must have N, H, W", lambda x, y, s: ((x, y), kwargs(targets=[s[:, :9]]))),
+    ("target N", ValueError, r"targets\[1\] must have N, H, W", lambda x, y, s: ((x, y), kwargs(targets=[s, s[:5].clone()]))),
+    ("target dtype", TypeError, r"targets\[0\] must have dtype", lambda x, y, s: ((x, y), kwargs(targets=[s.bool()]))),
+    ("target rank", ValueError, r"targets\[0\] must be \(N, H, W\)", lambda x, y, s: ((x, y), kwargs(targets=[s[0]]))),
+    ("targets type", TypeError, "targets must be a tensor", lambda x, y, s: ((x, y), kwargs(targets={"a": s}))),
+    ("patch 0", ValueError, "patch_size must be >= 1", lambda x, y, s: ((x, y), kwargs(patch_size=0))),
+    ("patch pair 0", ValueError, "patch_size must be >= 1", lambda x, y, s: ((x, y), kwargs(patch_size=(2, 0)))),
+    ("patch float", TypeError, "patch_size must be an int", lambda x, y, s: ((x, y), kwargs(patch_size=2.5))),
+    ("patch triple", TypeError, "patch_size must be an int", lambda x, y, s: ((x, y), kwargs(patch_size=(2, 2, 2)))),
+    ("swap_ratio", ValueError, r"swap_ratio must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(swap_ratio=1.5))),
+    ("swap_ratio neg", ValueError, r"swap_ratio must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(swap_ratio=-0.1))),
+    ("p", ValueError, r"p must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(p=2.0))),
+    ("p type", TypeError, "p must be a number", lambda x, y, s: ((x, y), kwargs(p="1"))),
+    ("alpha 0", ValueError, "alpha must be > 0", lambda x, y, s: ((x, y), kwargs(alpha=0.0))),
+    ("alpha neg", ValueError, "alpha must be > 0", lambda x, y, s: ((x, y), kwargs(alpha=-1.0))),
+    ("pairing", ValueError, "pairing must be one of", lambda x, y, s: ((x, y), kwargs(pairing="class"))),
+    ("halves mismatch", ValueError, r"labels\[0\] = 0 != labels\[3\] = 1", lambda x, y, s: ((x, y), kwargs(pairing="halves", targets=[s]))),
+    ("backend", ValueError, "backend must be one of", lambda x, y, s: ((x, y), kwargs(backend="cuda"))),
+    ("generator type", TypeError, "generator must be a torch.Generator", lambda x, y, s: ((x, y), kwargs(generator=0))),
+    ("non-dense images", ValueError, "images must be contiguous or channels_last", lambda x, y, s: ((x[:, :, :, ::2], y), kwargs())),
+    ("permuted images", ValueError, "images must be contiguous or channels_last", lambda x, y, s: ((x.transpose(2, 3), y), kwargs())),
+    ("overlapping images", ValueError, "images must be contiguous or channels_last", lambda x, y, s: ((x[:1].expand(N, C, H, W), y), kwargs())),
+    ("overlapping target", ValueError, r"targets\[0\] must be contiguous", lambda x, y, s: ((x, y), kwargs(targets=[s[:1].expand(N, H, W)]))),
+    ("target is images", ValueError, r"images and targets\[0\] share memory", lambda x, y, s: ((x, y), kwargs(targets=[x]))),
+    ("targets share memory", ValueError, r"share memory", lambda x, y, s: ((x, y), kwargs(targets=[s, s.view(N, 1, H, W)]))),
+    ("images requires grad", ValueError, "images requires grad", lambda x, y, s: ((x.requires_grad_(), y), kwargs())),
+    ("target requires grad", ValueError, r"targets\[0\] requires grad", lambda x, y, s: ((x, y), kwargs(targets=[s.double().requires_grad_()]))),
+]
+
+
+@pytest.mark.parametrize("name, error, message, build", CASES, ids=[c[0] for c in CASES])
+def test_swap_rejects_before_touching_memory(name, error, message, build):
+    images, labels, seg = fresh()
+    args, kw = build(images, labels, seg)
+    written = [t for t in (args[0], *kw.get("targets", [])) if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    before = [t.detach().clone() for t in written]
+    with pytest.raises(error, match=message):
+        ipsd_cuda.swap(*args, **kw)
+    for t, b in zip(written, before):
+        assert same_bits(t.detach(), b), f"{name}: memory changed before the error"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device type")
+def test_generator_on_another_device():
+    images, labels, _ = fresh()
+    before = images.clone()
+    with pytest.raises(ValueError, match="generator must be on cpu"):
+        ipsd_cuda.swap(images, labels, patch_size=4, generator=torch.Generator("cuda"))
+    assert same_bits(images, before)
+
+
+def test_make_plan_rejects_bad_arguments():
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="grid must be"):
+        ipsd_cuda.make_plan(labels, (2,))
+    with pytest.raises(ValueError, match="grid must be"):
+        ipsd_cuda.make_plan(labels, (-1, 2))
+    with pytest.raises(TypeError, match="labels must be a tensor"):
+        ipsd_cuda.make_plan([0, 0], (2, 2))
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        ipsd_cuda.make_plan(labels, (2, 2), alpha=0)
+
+
+def _valid_plan():
+    return ipsd_cuda.make_plan(torch.tensor([0, 0, 1, 1, 2]), (3, 3), generator=torch.Generator().manual_seed(0))
+
+
+def _plan(partner=None, mask=None):
+    base = _valid_plan()
+    return ipsd_cuda.SwapPlan(
+        base.partner if partner is None else torch.tensor(partner), base.mask if mask is None else mask
+    )
+
+
+def _asymmetric_mask():
+    mask = _valid_plan().mask.clone()
+    mask[0] = ~mask[0]
+    return mask
+
+
+def _unpaired_with_cells():
+    mask = _valid_plan().mask.clone()
+    mask[4, 0, 0] = True
+    return mask
+
+
+BAD_PLANS = [
+    ("out of range", lambda: _plan(partner=[1, 0, 3, 2, 5]), "not a valid swap plan at sample 4"),
+    ("not an involution", lambda: _plan(partner=[1, 2, 3, 0, -1]), "not a valid swap plan at sample 0"),
+    ("fixed point", lambda: _plan(partner=[0, -1, 3, 2, -1]), "not a valid swap plan at sample 0"),
+    ("asymmetric mask", lambda: _plan(mask=_asymmetric_mask()), "not a valid swap plan at sample 0"),
+    ("unpaired with cells", lambda: _plan(mask=_unpaired_with_cells()), "not a valid swap plan at sample 4"),
+    ("wrong grid", lambda: ipsd_cuda.SwapPlan(_valid_plan().partner, torch.zeros(5, 2, 3, dtype=torch.bool)), "plan.mask must be bool of shape"),
+    ("wrong N", lambda: ipsd_cuda.SwapPlan(torch.tensor([1, 0]), torch.zeros(2, 3, 3, dtype=torch.bool)), r"plan.partner must be int64 of shape \(5,\)"),
+    ("int32 partner", lambda: ipsd_cuda.SwapPlan(_valid_plan().partner.int(), _valid_plan().mask), "plan.partner must be int64"),
+    ("other device", lambda: _valid_plan().to("meta"), "plan must be on the tensor's device"),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("name, make, message", BAD_PLANS, ids=[c[0] for c in BAD_PLANS])
+def test_apply_plan_rejects_invalid_plans(backend, name, make, message):
+    x = random_bits((5, 2, 9, 9), torch.uint8, generator=torch.Generator().manual_seed(1))
+    before = x.clone()
+    with pytest.raises(ValueError, match=message):
+        ipsd_cuda.apply_plan(x, make(), patch_size=3, backend=backend)
+    assert same_bits(x, before)
+
+
+def test_apply_plan_rejects_non_plans():
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(TypeError, match="plan must be a SwapPlan"):
+        ipsd_cuda.apply_plan(x, (torch.tensor([1, 0]), torch.ones(2, 2, 2, dtype=torch.bool)), patch_size=2)
+
+
+def test_kernel_backend_without_kernel_says_how_to_build(monkeypatch):
+    from ipsd_cuda import _ops
+
+    monkeypatch.setattr(_ops, "backends", lambda: {"cpu": False, "cuda": False})
+    images, labels, _ = fresh()
+    before = images.clone()
+    with pytest.raises(RuntimeError, match="no cpu kernel"):
+        ipsd_cuda.swap(images, labels, patch_size=4, backend="kernel")
+    assert same_bits(images, before)
+    # "auto" quietly falls back.
+    ipsd_cuda.swap(images, labels, patch_size=4, backend="auto")

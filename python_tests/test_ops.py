@@ -1,0 +1,128 @@
+"""The registered op: schema and fake kernel (opcheck), torch.compile, what was built."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import ipsd_cuda
+from conftest import DEVICES, IMAGE_DTYPES, kernel_available, random_bits, reference_apply, same_bits
+
+
+def op_samples(device):
+    g = torch.Generator().manual_seed(0)
+    for dtype in IMAGE_DTYPES:
+        for channels_last in (False, True):
+            for patch in ((4, 4), (3, 5)):
+                x = random_bits((6, 3, 11, 13), dtype, generator=g, channels_last=channels_last, device=device)
+                labels = torch.tensor([0, 1, 0, 1, 2, 2], device=device)
+                plan = ipsd_cuda.make_plan(labels, ipsd_cuda.grid_for(x, patch))
+                yield (x, plan.partner, plan.mask, *patch)
+    x = random_bits((4, 7, 9), torch.int64, generator=g, device=device)
+    plan = ipsd_cuda.make_plan(torch.tensor([5, 5, 5, 5], device=device), (3, 3))
+    yield (x, plan.partner, plan.mask, 3, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not kernel_available(device):
+        pytest.skip(f"no {device} kernel built")
+    for args in op_samples(device):
+        torch.library.opcheck(torch.ops.ipsd_cuda.apply_plan_.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_rejects_mismatched_mask(device):
+    """The op checks its own arguments too, for callers of torch.ops directly."""
+    if not kernel_available(device):
+        pytest.skip(f"no {device} kernel built")
+    x = torch.zeros(4, 3, 8, 8, device=device)
+    partner = torch.tensor([1, 0, 3, 2], device=device)
+    with pytest.raises(ValueError, match=r"mask must have shape \(4, 2, 2\)"):
+        torch.ops.ipsd_cuda.apply_plan_(x, partner, torch.zeros(4, 3, 3, dtype=torch.bool, device=device), 4, 4)
+    with pytest.raises(TypeError, match="partner must be int64"):
+        torch.ops.ipsd_cuda.apply_plan_(x, partner.int(), torch.zeros(4, 2, 2, dtype=torch.bool, device=device), 4, 4)
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        torch.ops.ipsd_cuda.apply_plan_(x[:, :, ::2], partner, torch.zeros(4, 1, 2, dtype=torch.bool, device=device), 4, 4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compile_fullgraph(backend):
+    """swap traces into one graph on the CPU, kernel and fallback alike."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def step(images, labels):
+        plan = ipsd_cuda.swap(images, labels, patch_size=4, backend=backend)
+        return images * 2, plan.partner, plan.mask
+
+    g = torch.Generator().manual_seed(0)
+    images = random_bits((8, 3, 16, 16), torch.float32, generator=g)
+    original = images.clone()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    doubled, partner, mask = step(images, labels)
+    plan = ipsd_cuda.SwapPlan(partner, mask)
+    assert plan.mask.any()
+    assert same_bits(images, reference_apply(original, plan, 4))
+    assert same_bits(doubled, images * 2)
+
+
+def test_backends_reports_build():
+    built = ipsd_cuda.backends()
+    assert set(built) == {"cpu", "cuda"} and all(isinstance(v, bool) for v in built.values())
+    # CI states what it built; a silently missing kernel must fail there.
+    expected = os.environ.get("IPSD_EXPECT_KERNELS")
+    if expected is not None:
+        want = {name: name in expected.split(",") for name in ("cpu", "cuda")}
+        assert built == want, f"built {built}, IPSD_EXPECT_KERNELS={expected}"
+
+
+def _run_python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
+
+
+def test_force_fallback_uses_pure_pytorch():
+    result = _run_python(
+        "import torch, ipsd_cuda\n"
+        "x = torch.rand(4, 3, 8, 8); ipsd_cuda.swap(x, torch.tensor([0, 0, 1, 1]), patch_size=4)\n"
+        "print(ipsd_cuda.backends())",
+        IPSD_FORCE_FALLBACK="1",
+    )
+    assert "{'cpu': False, 'cuda': False}" in result.stdout
+    assert "Warning" not in result.stderr
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    result = _run_python(
+        "import sys; sys.modules['ipsd_cuda._C'] = None\n"
+        "import torch, ipsd_cuda, importlib\n"
+        "x = torch.rand(4, 3, 8, 8); ipsd_cuda.swap(x, torch.tensor([0, 0, 1, 1]), patch_size=4)\n"
+        "ipsd_cuda.swap(x, torch.tensor([0, 0, 1, 1]), patch_size=4)\n"
+        "print(ipsd_cuda.backends())"
+    )
+    assert "{'cpu': False, 'cuda': False}" in result.stdout
+    assert result.stderr.count("could not be loaded") == 1
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_uses_the_kernel_where_built(device, monkeypatch):
+    from ipsd_cuda import _ops, patch_swap
+
+    calls = []
+    monkeypatch.setattr(_ops, "apply_plan_kernel", lambda *a: calls.append("kernel"))
+    monkeypatch.setattr(patch_swap, "apply_plan_torch", lambda *a: calls.append("torch"))
+    x = torch.zeros(2, 1, 4, 4, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ipsd_cuda.swap(x, torch.tensor([0, 0], device=device), patch_size=2)
+    assert calls == ["kernel" if kernel_available(device) else "torch"]
