@@ -10,8 +10,23 @@ device ("Intra-class Patch Swap for Self-Distillation", Choi et al., arXiv
 """
 
 from ._ops import backends
+from .data import PatchSwapCollate
+from .loss import IPSLoss, IPSLossParts, ips_loss
+from .patch_swap import apply_plan, swap
 from .plan import SwapPlan, grid_for, make_plan
-from .swap import apply_plan, swap
+from .sampler import IntraClassPairSampler
 
-__all__ = ["SwapPlan", "apply_plan", "backends", "grid_for", "make_plan", "swap"]
+__all__ = [
+    "IPSLoss",
+    "IPSLossParts",
+    "IntraClassPairSampler",
+    "PatchSwapCollate",
+    "SwapPlan",
+    "apply_plan",
+    "backends",
+    "grid_for",
+    "ips_loss",
+    "make_plan",
+    "swap",
+]
 __version__ = "0.1.0"
