@@ -1,0 +1,53 @@
+# Everything runs in ./.venv, created on first use. `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+
+.PHONY: help install test compare bench gpu-check clean
+
+help:
+	@echo "make compare    CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~1 h), table + runs/fashion-mnist-compare/"
+	@echo "make test       build the extension and run the test suite"
+	@echo "make bench      CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
+	@echo "make gpu-check  on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS) setuptools wheel ninja numpy tqdm matplotlib pytest pytest-benchmark hypothesis
+	touch $@
+
+# Editable, so that `python -m ipsd_cuda...` from this folder and the installed
+# package are the same files, compiled extension included.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	$(BIN)/python -c "import ipsd_cuda; print('ipsd_cuda kernels built:', ipsd_cuda.backends())"
+	$(BIN)/python -m pytest
+
+$(FASHION_MNIST):
+	@command -v apt-get >/dev/null || { echo "Fashion-MNIST is missing: put its four idx .gz files in $@"; exit 1; }
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y dataset-fashion-mnist
+
+compare: install $(FASHION_MNIST)
+	$(BIN)/python -m ipsd_cuda.train --data fashion-mnist --method compare $(COMPARE_ARGS)
+
+bench: install
+	$(BIN)/pip install -q timm kornia
+	$(BIN)/python -m pytest bench --benchmark-json=runs/bench-cpu.json $(BENCH_ARGS)
+	$(BIN)/python bench/report.py runs/bench-cpu.json --png runs/bench-cpu.png
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build $(VENV) ipsd_cuda/*.so *.egg-info
