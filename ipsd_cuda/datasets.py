@@ -63,7 +63,8 @@ def _read_idx(path: Path) -> np.ndarray:
     if zero != b"\x00\x00" or dtype_code != 0x08:
         raise ValueError(f"{path} is not a uint8 idx file")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    # A copy, since torch tensors must not share read-only buffers.
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def load_fashion_mnist(data_dir: str = FASHION_MNIST_DIR) -> ImageData:

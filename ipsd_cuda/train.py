@@ -241,6 +241,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
                 "pairs_per_batch": float(totals[3]) / batches,
                 "first_teacher": float(totals[4]) / batches if method == "ips" else None,
             },
+            "steps": int(batches),
             "images_per_s": images_seen * dist_ctx.world / elapsed,
             "epoch_s": elapsed,
             "swap_s": swap_s if method == "ips" and args.swap_on == "device" else None,
@@ -251,7 +252,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
             record["test"] = evaluate(model, data.x_test, data.y_test, normalize, 4 * args.batch_size, device, autocast)
         dist_ctx.barrier()
         epochs.append(record)
-        if dist_ctx.main and not args.quiet and "test" in record:
+        if dist_ctx.main and "test" in record:
             t = record["test"]
             tqdm.write(
                 f"{method} seed {seed} epoch {epoch + 1}: loss {record['train']['loss']:.4f} "
@@ -349,7 +350,7 @@ def parse_args(argv=None):
     p.add_argument("--swap-on", default="device", choices=("device", "loader"))
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--out", default=None, help="output folder (default runs/DATA-METHOD)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (per-epoch lines stay)")
     args = p.parse_args(argv)
     if len(args.patch_size) not in (1, 2):
         p.error("--patch-size takes P or PH PW")
