@@ -6,7 +6,7 @@ extension is compiled against the torch already installed. Environment:
 - ``FORCE_CUDA=1``: build the CUDA kernel even without a visible GPU.
 - ``USE_CUDA=0``: build the CPU kernel only.
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures; without a visible GPU the
-  default is ``8.0;9.0+PTX``.
+  default is ``7.5;8.0;9.0+PTX``.
 - ``DEBUG=1``: unoptimised build with debug symbols (``-G`` for CUDA).
 - ``IPSD_REQUIRE_EXTENSION=1``: fail the install if the extension does not
   build (otherwise the package installs with its pure-PyTorch fallback).
@@ -36,7 +36,7 @@ except ImportError:
     )
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 
 def env_flag(name, default="0"):

@@ -11,12 +11,9 @@ namespace ipsd {
 
 namespace {
 
+// Without the a + b - 1 of the usual form, which overflows for huge b.
 int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-bool is_planar(const at::Tensor& x) {
-  return x.is_contiguous();
+  return a / b + (a % b != 0);
 }
 
 } // namespace
@@ -96,7 +93,7 @@ int64_t plan_layout(
   }
   // In channels_last the C channels of a pixel sit next to each other, so a
   // cell's row is one run of patch_w * C elements in a single plane.
-  const bool planar = is_planar(x);
+  const bool planar = x.is_contiguous();
   const int64_t elems_per_col = planar ? 1 : c;
   const int64_t item = x.element_size();
   const int64_t row_bytes = w * elems_per_col * item;

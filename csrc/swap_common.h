@@ -1,7 +1,9 @@
 // The per-cell index arithmetic of the patch swap, written once for both
 // kernels: the CPU kernel includes it as plain C++, the CUDA kernel as
-// __host__ __device__ code, so the CPU tests exercise the same math the GPU
-// runs.
+// __host__ __device__ code. The CPU kernel walks a cell run by run
+// (run_offset); the CUDA kernel numbers its units (cell_unit_offset), and
+// python_tests/cell_math_check.cpp proves on the host that both cover the
+// same units, so CPU-only machines test the GPU's arithmetic too.
 #pragma once
 
 #include <cstdint>
@@ -97,8 +99,9 @@ IPSD_HOST_DEVICE index_t cell_unit_offset(
 }
 
 // Whether sample i moves `cell`: each pair is moved once, by its lower
-// member, so the two members never race. A partner outside [0, n) (a
-// corrupted plan) moves nothing rather than touching memory out of bounds.
+// member, so the two members never race. A partner that is out of range or
+// does not point back (a corrupted plan handed to the raw op) moves nothing,
+// rather than touching memory out of bounds or racing with another pair.
 IPSD_HOST_DEVICE bool moves_cell(
     const int64_t* partner,
     const bool* mask,
@@ -107,7 +110,7 @@ IPSD_HOST_DEVICE bool moves_cell(
     int64_t i,
     int64_t cell) {
   const int64_t j = partner[i];
-  return j > i && j < n && mask[i * cells + cell];
+  return j > i && j < n && partner[j] == i && mask[i * cells + cell];
 }
 
 } // namespace ipsd

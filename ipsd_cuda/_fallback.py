@@ -2,7 +2,11 @@
 
 Used when the extension is not built, with ``backend="torch"``, and as the
 reference the kernels are tested against: for the same plan it gives the same
-bits. Vectorised over the whole batch; no Python loop over samples.
+bits. Vectorised over the whole batch, with no Python loop over samples and
+no host synchronisation (so it traces into one graph). Unlike the kernels it
+reads the whole batch and writes every element back, unchanged ones with
+their own value: selecting only the moved elements would need a data-dependent
+shape.
 """
 
 import torch

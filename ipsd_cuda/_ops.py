@@ -42,7 +42,8 @@ def apply_plan_kernel(
     x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, patch_h: int, patch_w: int
 ) -> None:
     """Run ``ipsd_cuda::apply_plan_`` (in place on ``x``) on x's device."""
-    torch.ops.ipsd_cuda.apply_plan_.default(x, partner, mask, patch_h, patch_w)
+    # The op reads the plan densely; a plan built by hand may be a view.
+    torch.ops.ipsd_cuda.apply_plan_.default(x, partner.contiguous(), mask.contiguous(), patch_h, patch_w)
 
 
 if _C is not None:

@@ -9,7 +9,6 @@ from ._fallback import apply_plan_torch
 from .plan import (
     PatchSize,
     SwapPlan,
-    check_generator,
     check_labels,
     grid_for,
     make_plan,
@@ -23,16 +22,18 @@ BACKENDS = ("auto", "kernel", "torch")
 Targets = Union[None, torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _check_swappable(name: str, t, dtypes, shape=None, device=None) -> None:
-    """Raise unless ``t`` can be swapped in place: (N, H, W) or (N, C, H, W),
-    of an accepted dtype, dense, not requiring grad; ``shape`` = (N, H, W)."""
+_RANK_NAMES = {4: "(N, C, H, W)", 3: "(N, H, W)"}
+
+
+def _check_swappable(name: str, t, dtypes, ranks=(3, 4), shape=None, device=None) -> None:
+    """Raise unless ``t`` can be swapped in place: of a rank in ``ranks``, of
+    an accepted dtype, dense, not requiring grad; ``shape`` = (N, H, W)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    ranks = (4,) if name == "images" else (3, 4)
     if t.dim() not in ranks:
-        expected = "(N, C, H, W)" if name == "images" else "(N, H, W) or (N, K, H, W)"
+        expected = " or ".join(_RANK_NAMES[r] for r in sorted(ranks))
         raise ValueError(f"{name} must be {expected}, got shape {tuple(t.shape)}")
     if shape is not None and (t.shape[0], t.shape[-2], t.shape[-1]) != shape:
         raise ValueError(
@@ -72,6 +73,12 @@ def _as_list(targets: Targets) -> list:
     if isinstance(targets, (list, tuple)):
         return list(targets)
     raise TypeError(f"targets must be a tensor, a sequence of tensors or None, got {type(targets).__name__}")
+
+
+def _clip_patch(ph: int, pw: int, h: int, w: int):
+    """The patch size clipped to the image: the same grid and cells, and sizes
+    the kernel's 64-bit arithmetic cannot overflow on."""
+    return min(ph, max(h, 1)), min(pw, max(w, 1))
 
 
 def _resolve(backend: str, device: torch.device):
@@ -143,18 +150,18 @@ def swap(
         >>> plan.mask.shape
         torch.Size([8, 4, 4])
     """
-    _check_swappable("images", images, IMAGE_DTYPES)
+    _check_swappable("images", images, IMAGE_DTYPES, ranks=(4,))
     n, _, h, w = images.shape
     check_labels(labels, n, images.device)
     written = [("images", images)]
     for index, target in enumerate(_as_list(targets)):
         name = f"targets[{index}]"
-        _check_swappable(name, target, TARGET_DTYPES, (n, h, w), images.device)
+        _check_swappable(name, target, TARGET_DTYPES, shape=(n, h, w), device=images.device)
         written.append((name, target))
     _check_disjoint(written)
-    check_generator(generator, images.device)
     ph, pw = patch_pair(patch_size)
     apply = _resolve(backend, images.device)
+    # make_plan checks the remaining arguments; nothing is written before.
     plan = make_plan(
         labels,
         grid_for(images, (ph, pw)),
@@ -164,6 +171,7 @@ def swap(
         pairing=pairing,
         generator=generator,
     )
+    ph, pw = _clip_patch(ph, pw, h, w)
     for _, t in written:
         apply(t, plan.partner, plan.mask, ph, pw)
     return plan
@@ -232,4 +240,5 @@ def apply_plan(
     _check_swappable("tensor", tensor, TARGET_DTYPES)
     ph, pw = patch_pair(patch_size)
     _check_plan(plan, tensor.shape[0], grid_for(tensor, (ph, pw)), tensor.device)
-    _resolve(backend, tensor.device)(tensor, plan.partner, plan.mask, ph, pw)
+    apply = _resolve(backend, tensor.device)
+    apply(tensor, plan.partner, plan.mask, *_clip_patch(ph, pw, *tensor.shape[-2:]))

@@ -5,6 +5,7 @@ All the random decisions of a swap are made here, once, as a small value
 backend. A plan can be inspected, stored, moved between devices and replayed.
 """
 
+import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Sequence, Tuple, Union
@@ -91,8 +92,8 @@ def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
     if alpha is not None:
         if not isinstance(alpha, Real) or isinstance(alpha, bool):
             raise TypeError(f"alpha must be a positive number or None, got {alpha!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
 
@@ -117,8 +118,11 @@ def check_generator(generator, device: torch.device) -> None:
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator must be on {device.type} like the tensors, got {generator.device}")
+    same = generator.device.type == device.type and (
+        device.type == "cpu" or generator.device.index in (None, device.index)
+    )
+    if not same:
+        raise ValueError(f"generator must be on the tensors' device {device}, got {generator.device}")
 
 
 def _pair_random(labels: torch.Tensor, generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import ipsd_cuda
 from conftest import (
     DEVICES,
+    HAS_CUDA,
     IMAGE_DTYPES,
     TARGET_DTYPES,
     guard_bytes,
@@ -25,9 +26,9 @@ def cases(draw, dtypes=IMAGE_DTYPES):
     patch = draw(st.one_of(st.integers(1, 9), st.tuples(st.integers(1, 9), st.integers(1, 9))))
     return dict(
         n=n,
-        c=draw(st.integers(1, 5)),
-        h=draw(st.integers(1, 21)),
-        w=draw(st.integers(1, 21)),
+        c=draw(st.integers(0, 5)),
+        h=draw(st.integers(0, 21)),
+        w=draw(st.integers(0, 21)),
         patch=patch,
         dtype=draw(st.sampled_from(dtypes)),
         channels_last=draw(st.booleans()),
@@ -151,3 +152,33 @@ def test_single_cell_grid_moves_nothing(device):
     plan = ipsd_cuda.swap(images, torch.zeros(6, dtype=torch.long, device=device), patch_size=8)
     assert (plan.partner >= 0).all() and not plan.mask.any()
     assert same_bits(images, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_patch_larger_than_any_index(device, backend):
+    """A patch beyond 64-bit range is one cell (G = 1): nothing moves, on both backends."""
+    if backend == "kernel" and not kernel_available(device):
+        pytest.skip(f"no {device} kernel built")
+    x = random_bits((4, 2, 5, 6), torch.float32, generator=torch.Generator().manual_seed(0), device=device)
+    before = x.clone()
+    labels = torch.zeros(4, dtype=torch.long, device=device)
+    plan = ipsd_cuda.swap(x, labels, patch_size=(2**70, 2**63 - 1), backend=backend)
+    assert plan.grid == (1, 1) and same_bits(x, before)
+    plan = ipsd_cuda.swap(x, labels, patch_size=(2, 2**63), backend=backend)
+    assert plan.grid == (3, 1) and same_bits(x, reference_apply(before, plan, (2, 2**63)))
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_more_samples_than_one_grid_dimension(backend):
+    """N > 65535 exercises the CUDA kernel's loop over samples (grid y is capped)."""
+    if not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if backend == "kernel" and not kernel_available("cuda"):
+        pytest.skip("no cuda kernel built")
+    g = torch.Generator().manual_seed(3)
+    x = random_bits((70_001, 1, 3, 2), torch.uint8, generator=g, device="cuda")
+    labels = torch.randint(0, 5, (70_001,), generator=g).to("cuda")
+    before = x.clone()
+    plan = ipsd_cuda.swap(x, labels, patch_size=1, backend=backend)
+    assert same_bits(x, reference_apply(before, plan, 1))

@@ -45,8 +45,11 @@ CASES = [
     ("swap_ratio neg", ValueError, r"swap_ratio must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(swap_ratio=-0.1))),
     ("p", ValueError, r"p must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(p=2.0))),
     ("p type", TypeError, "p must be a number", lambda x, y, s: ((x, y), kwargs(p="1"))),
-    ("alpha 0", ValueError, "alpha must be > 0", lambda x, y, s: ((x, y), kwargs(alpha=0.0))),
-    ("alpha neg", ValueError, "alpha must be > 0", lambda x, y, s: ((x, y), kwargs(alpha=-1.0))),
+    ("alpha 0", ValueError, "alpha must be a finite number > 0", lambda x, y, s: ((x, y), kwargs(alpha=0.0))),
+    ("alpha neg", ValueError, "alpha must be a finite number > 0", lambda x, y, s: ((x, y), kwargs(alpha=-1.0))),
+    ("alpha inf", ValueError, "alpha must be a finite number > 0", lambda x, y, s: ((x, y), kwargs(alpha=float("inf")))),
+    ("alpha nan", ValueError, "alpha must be a finite number > 0", lambda x, y, s: ((x, y), kwargs(alpha=float("nan")))),
+    ("swap_ratio nan", ValueError, r"swap_ratio must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(swap_ratio=float("nan")))),
     ("pairing", ValueError, "pairing must be one of", lambda x, y, s: ((x, y), kwargs(pairing="class"))),
     ("halves mismatch", ValueError, r"labels\[0\] = 0 != labels\[3\] = 1", lambda x, y, s: ((x, y), kwargs(pairing="halves", targets=[s]))),
     ("backend", ValueError, "backend must be one of", lambda x, y, s: ((x, y), kwargs(backend="cuda"))),
@@ -78,7 +81,7 @@ def test_swap_rejects_before_touching_memory(name, error, message, build):
 def test_generator_on_another_device():
     images, labels, _ = fresh()
     before = images.clone()
-    with pytest.raises(ValueError, match="generator must be on cpu"):
+    with pytest.raises(ValueError, match="generator must be on the tensors' device cpu"):
         ipsd_cuda.swap(images, labels, patch_size=4, generator=torch.Generator("cuda"))
     assert same_bits(images, before)
 
@@ -91,7 +94,7 @@ def test_make_plan_rejects_bad_arguments():
         ipsd_cuda.make_plan(labels, (-1, 2))
     with pytest.raises(TypeError, match="labels must be a tensor"):
         ipsd_cuda.make_plan([0, 0], (2, 2))
-    with pytest.raises(ValueError, match="alpha must be > 0"):
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
         ipsd_cuda.make_plan(labels, (2, 2), alpha=0)
 
 
@@ -139,6 +142,36 @@ def test_apply_plan_rejects_invalid_plans(backend, name, make, message):
     with pytest.raises(ValueError, match=message):
         ipsd_cuda.apply_plan(x, make(), patch_size=3, backend=backend)
     assert same_bits(x, before)
+
+
+BAD_TENSORS = [
+    ("dtype", TypeError, "tensor must have dtype", lambda x: x.to(torch.int32)),
+    ("rank", ValueError, r"tensor must be \(N, H, W\) or \(N, C, H, W\)", lambda x: x[0, 0]),
+    ("non-dense", ValueError, "tensor must be contiguous or channels_last", lambda x: x[..., ::2]),
+    ("requires grad", ValueError, "tensor requires grad", lambda x: x.double().requires_grad_()),
+    ("not a tensor", TypeError, "tensor must be a tensor", lambda x: x.tolist()),
+]
+
+
+@pytest.mark.parametrize("name, error, message, make", BAD_TENSORS, ids=[c[0] for c in BAD_TENSORS])
+def test_apply_plan_rejects_bad_tensors(name, error, message, make):
+    x = random_bits((5, 2, 9, 9), torch.float32, generator=torch.Generator().manual_seed(1))
+    bad = make(x)
+    with pytest.raises(error, match=message):
+        ipsd_cuda.apply_plan(bad, _valid_plan(), patch_size=3)
+
+
+def test_apply_plan_accepts_a_plan_made_of_views():
+    """A hand-built plan may hold non-contiguous tensors; every backend takes it."""
+    plan = _valid_plan()
+    transposed = ipsd_cuda.SwapPlan(plan.partner, plan.mask.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not transposed.mask.is_contiguous()
+    results = []
+    for backend in ("auto", "torch"):
+        x = random_bits((5, 2, 9, 9), torch.uint8, generator=torch.Generator().manual_seed(1))
+        ipsd_cuda.apply_plan(x, transposed, patch_size=3, backend=backend)
+        results.append(x)
+    assert same_bits(*results)
 
 
 def test_apply_plan_rejects_non_plans():

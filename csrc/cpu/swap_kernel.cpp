@@ -1,5 +1,6 @@
 // CPU kernel of ipsd_cuda::apply_plan_, for data-loader workers and CPU
-// training. Parallel over samples; each pair is moved by its lower member.
+// training. Parallel over (sample, cell); each pair is moved by its lower
+// member.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -27,23 +28,28 @@ void swap_cells(
     int64_t n,
     const SwapLayout& l) {
   const int64_t sample = l.sample_units();
-  // Enough samples per task that a task moves at least ~64 KiB at full swap.
-  const int64_t grain = std::max<int64_t>(
-      1, (int64_t{1} << 16) / std::max<int64_t>(1, sample * sizeof(unit_t)));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t cell = 0; cell < l.cells; ++cell) {
-        if (!moves_cell(partner, mask, n, l.cells, i, cell)) {
-          continue;
-        }
-        unit_t* a = data + i * sample;
-        unit_t* b = data + partner[i] * sample;
-        const CellBox box = cell_box(l, cell);
-        for (int64_t plane = 0; plane < l.planes; ++plane) {
-          for (int64_t row = 0; row < box.row_count; ++row) {
-            const int64_t off = run_offset<int64_t>(l, box, plane, row);
-            swap_run(a + off, b + off, box.unit_count);
-          }
+  const int64_t cell_bytes = std::max<int64_t>(
+      1,
+      l.planes * std::min(l.cell_rows, l.rows) *
+          std::min(l.cell_units, l.row_units) * int64_t{sizeof(unit_t)});
+  // Over (sample, cell) rather than samples: with pairing="halves" every
+  // lower member sits in the first half, which would idle half the threads.
+  // A task moves at least ~64 KiB when its cells are swapped.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / cell_bytes);
+  at::parallel_for(0, n * l.cells, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / l.cells;
+      const int64_t cell = item - i * l.cells;
+      if (!moves_cell(partner, mask, n, l.cells, i, cell)) {
+        continue;
+      }
+      unit_t* a = data + i * sample;
+      unit_t* b = data + partner[i] * sample;
+      const CellBox box = cell_box(l, cell);
+      for (int64_t plane = 0; plane < l.planes; ++plane) {
+        for (int64_t row = 0; row < box.row_count; ++row) {
+          const int64_t off = run_offset<int64_t>(l, box, plane, row);
+          swap_run(a + off, b + off, box.unit_count);
         }
       }
     }
