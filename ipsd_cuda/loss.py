@@ -12,7 +12,7 @@ it can sit in a CUDA training loop without stalls.
 """
 
 from numbers import Real
-from typing import NamedTuple, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,7 @@ def ips_loss(
     *,
     temperature: float = 4.0,
     kd_weight: float = 1.0,
+    clean_logits: Optional[torch.Tensor] = None,
     return_parts: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, IPSLossParts]]:
     """Cross-entropy plus distillation from the more confident member of each pair.
@@ -109,6 +110,9 @@ def ips_loss(
             involution; this is not checked, as that would synchronise.
         temperature: ``T > 0``, the softening of both distributions (default 4.0).
         kd_weight: weight ``>= 0`` of the KD term (default 1.0).
+        clean_logits: optional ``(N, K)`` logits of the same samples before
+            the swap. When given, the CE term is computed on them and
+            ``logits`` (of the swapped images) only drive the distillation.
         return_parts: also return the detached terms as :class:`IPSLossParts`.
 
     Returns:
@@ -127,10 +131,19 @@ def ips_loss(
     _check_hyper(temperature, kd_weight)
     _check_inputs(logits, labels, partner)
     n, device = logits.shape[0], logits.device
+    if clean_logits is not None:
+        if not isinstance(clean_logits, torch.Tensor) or not clean_logits.is_floating_point():
+            raise TypeError(f"clean_logits must be a floating-point tensor or None, got {clean_logits!r:.80}")
+        if clean_logits.shape != logits.shape or clean_logits.device != device:
+            raise ValueError(
+                f"clean_logits must match logits, shape {tuple(logits.shape)} on {device}; "
+                f"got {tuple(clean_logits.shape)} on {clean_logits.device}"
+            )
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     labels = labels.long()
+    ce_input = z if clean_logits is None else clean_logits.to(z.dtype)
     # Summed and divided by max(N, 1) so an empty batch gives 0, not NaN.
-    ce = F.cross_entropy(z, labels, reduction="sum") / max(n, 1)
+    ce = F.cross_entropy(ce_input, labels, reduction="sum") / max(n, 1)
 
     pos = torch.arange(n, device=device)
     paired = partner >= 0
@@ -183,6 +196,7 @@ class IPSLoss(torch.nn.Module):
         logits: torch.Tensor,
         labels: torch.Tensor,
         partner: torch.Tensor,
+        clean_logits: Optional[torch.Tensor] = None,
         return_parts: bool = False,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, IPSLossParts]]:
         """The loss of one batch; the arguments are those of :func:`ips_loss`.
@@ -201,6 +215,7 @@ class IPSLoss(torch.nn.Module):
             partner,
             temperature=self.temperature,
             kd_weight=self.kd_weight,
+            clean_logits=clean_logits,
             return_parts=return_parts,
         )
 

@@ -194,6 +194,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
         for batch in bar:
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             plan = batch[2] if len(batch) == 3 else None
+            clean = x.clone() if method == "ips" and args.ce_on == "clean" and plan is None else None
             if method == "ips" and plan is None:
                 synchronize()
                 t0 = time.perf_counter()
@@ -217,9 +218,14 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
                     loss = ce + args.kd_weight * kd
                     parts = (ce.detach(), kd.detach(), float(half), 0.0)
                 else:
+                    if clean is None:
+                        logits, clean_logits = net(normalize(x)), None
+                    else:
+                        # One forward over both, so batch norm sees them together.
+                        clean_logits, logits = net(normalize(torch.cat([clean, x]))).chunk(2)
                     loss, p = ips_loss(
-                        net(normalize(x)), y, plan.partner.to(device), temperature=args.temperature,
-                        kd_weight=args.kd_weight, return_parts=True,
+                        logits, y, plan.partner.to(device), temperature=args.temperature,
+                        kd_weight=args.kd_weight, clean_logits=clean_logits, return_parts=True,
                     )
                     parts = (p.ce, p.kd, p.pairs, p.first_teacher)
             optimizer.zero_grad(set_to_none=True)
@@ -342,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--p", type=float, default=1.0, help="share of pairs that swap")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--ce-on", default="swapped", choices=("swapped", "clean"),
+                   help="ips: cross-entropy on the swapped images, or on a clean copy (one more forward)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
@@ -354,6 +362,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if len(args.patch_size) not in (1, 2):
         p.error("--patch-size takes P or PH PW")
+    if args.ce_on == "clean" and args.swap_on == "loader":
+        p.error("--ce-on clean needs the clean batch: use --swap-on device")
     args.patch_size = args.patch_size[0] if len(args.patch_size) == 1 else tuple(args.patch_size)
     if args.out is None:
         args.out = f"runs/{Path(args.data).stem}-{args.method}"

@@ -218,6 +218,29 @@ def test_with_a_swap_plan(device):
     assert int(parts.pairs) == int((plan.partner >= 0).sum()) // 2
 
 
+def test_clean_logits_carry_the_ce_and_swapped_logits_the_kd():
+    logits, labels, partner = random_pairs(10, 4, 0.6, 5, 2.0, seed=8)
+    clean = (logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))).requires_grad_()
+    swapped = logits.clone().requires_grad_()
+    loss, parts = ips_loss(swapped, labels, partner, clean_logits=clean, kd_weight=0.7, return_parts=True)
+    torch.testing.assert_close(parts.ce, F.cross_entropy(clean.detach(), labels))
+    kd_only = reference_loss(logits, labels, partner, 4.0, 1.0)[2]
+    torch.testing.assert_close(parts.kd.double(), kd_only, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, parts.ce + 0.7 * parts.kd)
+    loss.backward()
+    # The clean side gets exactly the CE gradient, the swapped side only KD's.
+    want_clean = torch.autograd.grad(F.cross_entropy(clean, labels), clean)[0]
+    torch.testing.assert_close(clean.grad, want_clean)
+    reference_swapped = logits.clone().requires_grad_()
+    (0.7 * reference_loss(reference_swapped, labels, partner, 4.0, 1.0)[2]).backward()
+    assert reference_swapped.grad.abs().max() > 0
+    torch.testing.assert_close(swapped.grad, reference_swapped.grad.float(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="clean_logits must match logits"):
+        ips_loss(logits, labels, partner, clean_logits=clean[:5])
+    with pytest.raises(TypeError, match="clean_logits must be a floating-point tensor"):
+        ips_loss(logits, labels, partner, clean_logits=labels)
+
+
 def test_module_matches_function():
     logits, labels, partner = random_pairs(9, 3, 0.5, 4, 2.0, seed=4)
     criterion = IPSLoss(temperature=3.0, kd_weight=0.5)
