@@ -194,7 +194,9 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
         for batch in bar:
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             plan = batch[2] if len(batch) == 3 else None
-            clean = x.clone() if method == "ips" and args.ce_on == "clean" and plan is None else None
+            first = method == "ips" and epoch == 0 and images_seen == 0 and dist_ctx.main
+            keep_clean = method == "ips" and plan is None and (args.ce_on == "clean" or first)
+            clean = x.clone() if keep_clean else None
             if method == "ips" and plan is None:
                 synchronize()
                 t0 = time.perf_counter()
@@ -204,6 +206,10 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
                 )
                 synchronize()
                 swap_s += time.perf_counter() - t0
+            if first and clean is not None:
+                plot_swaps(clean, x, seed, Path(args.out) / f"swaps-seed{seed}.png")
+            if args.ce_on != "clean":
+                clean = None
             with autocast():
                 if method == "ce":
                     loss = F.cross_entropy(net(normalize(x)), y)
@@ -300,6 +306,32 @@ def table(summary, seeds):
     return "\n".join(lines)
 
 
+def plot_swaps(before, after, seed, path, pairs=6):
+    """The first pairs of a batch before and after the swap (pairing="halves":
+    sample i is paired with i + N/2), as a PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    half = len(before) // 2
+    rows = [before[:pairs], before[half : half + pairs], after[:pairs], after[half : half + pairs]]
+    titles = ["anchor", "partner", "anchor, swapped", "partner, swapped"]
+    fig, axes = plt.subplots(4, pairs, figsize=(1.4 * pairs, 6))
+    for r, (images, title) in enumerate(zip(rows, titles)):
+        for c in range(pairs):
+            ax = axes[r, c]
+            image = images[c].float().cpu()
+            ax.imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0) / 255).numpy(), cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    fig.suptitle(f"intra-class patch swap, seed {seed}", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot(runs, path):
     """Test top-1 and ECE per epoch, one line per method (mean over seeds, band = ± std)."""
     import matplotlib
@@ -315,7 +347,8 @@ def plot(runs, path):
         epochs = [e["epoch"] for e in method_runs[0]["epochs"] if "test" in e]
         for ax, key in zip(axes, ("top1", "ece")):
             series = torch.tensor([[e["test"][key] for e in r["epochs"] if "test" in e] for r in method_runs])
-            mean, std = series.mean(0), series.std(0) if len(method_runs) > 1 else torch.zeros(len(epochs))
+            mean = series.mean(0).numpy()
+            std = series.std(0).numpy() if len(method_runs) > 1 else 0 * mean
             ax.plot(epochs, mean, marker="o", label=method)
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     for ax, label in zip(axes, ("test top-1 (%)", "test ECE (%, 15 bins)")):

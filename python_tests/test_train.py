@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -133,13 +134,20 @@ def test_metrics_against_direct_formulas():
 def test_two_process_ddp(tmp_path, method):
     """torchrun with 2 CPU processes (gloo): each rank trains on half of the anchors."""
     out = tmp_path / "out"
-    result = subprocess.run(
+    # Its own session, so that a hang kills the workers too, not only torchrun.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "ipsd_cuda.train", "--data", "synthetic", "--method", method, "--epochs", "1",
          "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["config"]["world_size"] == 2
