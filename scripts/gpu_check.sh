@@ -39,7 +39,7 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "memcheck   skipped: no compute-sanitizer" | tee -a "$OUT/report.txt"
 fi
-step bench $PY -m pytest bench -q -p no:cacheprovider -k cuda --benchmark-json "$OUT/bench-cuda.json"
+step bench $PY -m pytest bench -q -p no:cacheprovider -m cuda --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$OUT/bench-cuda.json"
 step report $PY bench/report.py "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
 if [ -n "${GPU_COMPARE:-}" ]; then
   # shellcheck disable=SC2086
