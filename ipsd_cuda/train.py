@@ -220,7 +220,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
                     with torch.no_grad():
                         partner_logits = net(normalize(x[half:]))
                     ce = F.cross_entropy(anchor_logits, y[:half])
-                    kd = class_wise_kd(anchor_logits, partner_logits, args.temperature)
+                    kd = class_wise_kd(anchor_logits, partner_logits, args.cskd_temperature)
                     loss = ce + args.kd_weight * kd
                     parts = (ce.detach(), kd.detach(), float(half), 0.0)
                 else:
@@ -379,7 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--swap-ratio", type=float, default=0.5)
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--p", type=float, default=1.0, help="share of pairs that swap")
-    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=4.0, help="ips: distillation temperature")
+    p.add_argument("--cskd-temperature", type=float, default=4.0, help="cskd: its temperature (CS-KD uses 4)")
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--ce-on", default="swapped", choices=("swapped", "clean"),
                    help="ips: cross-entropy on the swapped images, or on a clean copy (one more forward)")

@@ -66,6 +66,14 @@ def test_swap_in_loader_workers(tmp_path):
     assert epoch["swap_s"] is None and epoch["train"]["pairs_per_batch"] == 32
 
 
+def test_bf16_autocast_and_channels_last(tmp_path):
+    metrics, out = run_train(tmp_path, "--method", "ips", "--amp", "--channels-last", "--batch-size", "32",
+                             "--ce-on", "clean")
+    epoch = metrics["runs"][0]["epochs"][0]
+    assert np.isfinite(epoch["train"]["loss"]) and np.isfinite(epoch["test"]["nll"])
+    assert (out / "swaps-seed0.png").stat().st_size > 0
+
+
 def test_npz_data(tmp_path):
     g = np.random.default_rng(0)
     arrays = {
