@@ -1,54 +1,70 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and no network: builds the
 # extension for the visible GPU, runs the whole test suite (CUDA cases
-# included), compute-sanitizer memcheck on small swaps, and the CUDA
-# benchmarks. Logs and a short report go to $OUT (default runs/gpu-check);
-# the report is printed last.
+# included), compute-sanitizer memcheck and initcheck on small swaps, and the
+# CUDA benchmarks. At most 8 files go to $REPORT_DIR (default
+# runs/gpu-check): build.log, tests.log, sanitizer.log, bench.log,
+# bench-cuda.json, bench-cuda.png, report.txt and, with GPU_COMPARE,
+# compare-metrics.json. The report is printed last.
 #
-#   make gpu-check                      # the checks (a few minutes)
-#   GPU_COMPARE="--epochs 30 --seeds 0 1 2" make gpu-check   # and the reference comparison
+#   make gpu-check                                          # the checks (a few minutes)
+#   GPU_COMPARE="--epochs 30 --seeds 0 1 2" make gpu-check  # and the reference comparison
+#
+# With GPU_COMPARE, Fashion-MNIST's four .gz files are read from
+# $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu-check}
+DIR=${REPORT_DIR:-runs/gpu-check}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-: >"$OUT/report.txt"
+mkdir -p "$DIR"
+REPORT="$DIR/report.txt"
+: >"$REPORT"
 export PYTHONUNBUFFERED=1
 
+# step NAME LOG COMMAND...: run COMMAND, appending its output to LOG, and
+# add one line (status, seconds, last line of output) to the report.
 step() {
-  local name=$1 start rc
-  shift
+  local name=$1 log=$2 start rc
+  shift 2
   start=$(date +%s)
-  "$@" >"$OUT/$name.log" 2>&1
+  echo "=== $name: $*" >>"$log"
+  "$@" >>"$log" 2>&1
   rc=$?
-  printf '%-10s rc=%-3d %5ds   %s\n' "$name" "$rc" "$(($(date +%s) - start))" "$(tail -n 1 "$OUT/$name.log")" | tee -a "$OUT/report.txt"
+  printf '%-10s rc=%-3d %5ds   %s\n' "$name" "$rc" "$(($(date +%s) - start))" "$(tail -n 1 "$log")" | tee -a "$REPORT"
   return $rc
 }
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee -a "$OUT/report.txt"
+} 2>&1 | tee -a "$REPORT"
 
-step build env IPSD_REQUIRE_EXTENSION=1 MAX_JOBS=8 $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
-$PY -c "import ipsd_cuda; print('kernels', ipsd_cuda.backends())" | tee -a "$OUT/report.txt"
-step tests env IPSD_EXPECT_KERNELS=cpu,cuda HYPOTHESIS_PROFILE=ci $PY -m pytest python_tests -q -p no:cacheprovider
+step build "$DIR/build.log" env IPSD_REQUIRE_EXTENSION=1 MAX_JOBS=8 \
+  $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
+$PY -c "import ipsd_cuda; print('kernels', ipsd_cuda.backends())" 2>&1 | tee -a "$REPORT"
+step tests "$DIR/tests.log" env IPSD_EXPECT_KERNELS=cpu,cuda HYPOTHESIS_PROFILE=ci \
+  $PY -m pytest -q -p no:cacheprovider -rs
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $PY scripts/sanitize_swap.py
-  step initcheck compute-sanitizer --tool initcheck --error-exitcode 9 $PY scripts/sanitize_swap.py
+  for tool in memcheck initcheck; do
+    step "$tool" "$DIR/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
+  done
 else
-  echo "memcheck   skipped: no compute-sanitizer" | tee -a "$OUT/report.txt"
+  echo "sanitizer  skipped: no compute-sanitizer on PATH" | tee -a "$REPORT"
 fi
-step bench $PY -m pytest bench -q -p no:cacheprovider -m cuda --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$OUT/bench-cuda.json"
-step report $PY bench/report.py "$OUT/bench-cuda.json" --png "$OUT/bench-cuda.png"
+step bench "$DIR/bench.log" $PY -m pytest bench -q -p no:cacheprovider -m cuda \
+  --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
+$PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
 if [ -n "${GPU_COMPARE:-}" ]; then
   # shellcheck disable=SC2086
-  step compare $PY -m ipsd_cuda.train --data fashion-mnist --data-dir "${FASHION_MNIST_DIR:-.data/fashion-mnist}" \
-    --method compare --model resnet18 --amp --channels-last --num-workers 8 --quiet --out "$OUT/compare" $GPU_COMPARE
+  step compare "$REPORT" $PY -m ipsd_cuda.train --data fashion-mnist \
+    --data-dir "${FASHION_MNIST_DIR:-.data/fashion-mnist}" --method compare --model resnet18 \
+    --amp --channels-last --num-workers 8 --quiet --out runs/gpu-compare $GPU_COMPARE
+  cp runs/gpu-compare/metrics.json "$DIR/compare-metrics.json" 2>/dev/null
 fi
 
-echo "--- tests";  grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
-echo "--- sanitizer"; grep -hE "ERROR SUMMARY|FAIL" "$OUT"/memcheck.log "$OUT"/initcheck.log 2>/dev/null
-echo "--- benchmarks"; cat "$OUT/report.log" 2>/dev/null
-[ -f "$OUT/compare.log" ] && { echo "--- compare"; tail -n 6 "$OUT/compare.log"; }
-echo "--- summary"; cat "$OUT/report.txt"
+echo "--- tests"
+grep -E "passed|failed|error" "$DIR/tests.log" | tail -n 3
+echo "--- sanitizer"
+grep -hE "ERROR SUMMARY|^(ok|FAIL) " "$DIR/sanitizer.log" 2>/dev/null
+echo "--- report"
+cat "$REPORT"
