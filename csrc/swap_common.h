@@ -1,9 +1,10 @@
 // The per-cell index arithmetic of the patch swap, written once for both
 // kernels: the CPU kernel includes it as plain C++, the CUDA kernel as
-// __host__ __device__ code. The CPU kernel walks a cell run by run
-// (run_offset); the CUDA kernel numbers its units (cell_unit_offset), and
-// python_tests/cell_math_check.cpp proves on the host that both cover the
-// same units, so CPU-only machines test the GPU's arithmetic too.
+// __host__ __device__ code. The CPU kernel walks runs of adjacent cells
+// (cell_span, run_offset); the CUDA kernel numbers the units of one cell
+// (cell_box, cell_unit_offset). python_tests/cell_math_check.cpp proves on
+// the host that both cover the same units, so CPU-only machines test the
+// GPU's arithmetic too.
 #pragma once
 
 #include <cstdint>
@@ -59,17 +60,25 @@ IPSD_HOST_DEVICE int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
 }
 
+// The cells [col_begin, col_end) of one grid row, as one box: horizontally
+// adjacent cells are contiguous within each row of a plane, so their runs
+// join into one.
+IPSD_HOST_DEVICE CellBox cell_span(
+    const SwapLayout& l, int64_t grid_row, int64_t col_begin, int64_t col_end) {
+  CellBox b;
+  b.row0 = grid_row * l.cell_rows;
+  b.row_count = min64(l.cell_rows, l.rows - b.row0);
+  b.unit0 = col_begin * l.cell_units;
+  b.unit_count = min64(col_end * l.cell_units, l.row_units) - b.unit0;
+  return b;
+}
+
 // Cells are numbered row-major over the (grid_h, grid_w) grid, as in the
 // plan's mask.
 IPSD_HOST_DEVICE CellBox cell_box(const SwapLayout& l, int64_t cell) {
   const int64_t grid_row = cell / l.grid_w;
   const int64_t grid_col = cell - grid_row * l.grid_w;
-  CellBox b;
-  b.row0 = grid_row * l.cell_rows;
-  b.row_count = min64(l.cell_rows, l.rows - b.row0);
-  b.unit0 = grid_col * l.cell_units;
-  b.unit_count = min64(l.cell_units, l.row_units - b.unit0);
-  return b;
+  return cell_span(l, grid_row, grid_col, grid_col + 1);
 }
 
 // Offset, within a sample, of the first unit of the cell's run in `plane`
@@ -98,10 +107,16 @@ IPSD_HOST_DEVICE index_t cell_unit_offset(
   return run_offset<index_t>(l, b, plane, row) + in_run;
 }
 
-// Whether sample i moves `cell`: each pair is moved once, by its lower
+// Whether sample i moves its pair: each pair is moved once, by its lower
 // member, so the two members never race. A partner that is out of range or
 // does not point back (a corrupted plan handed to the raw op) moves nothing,
 // rather than touching memory out of bounds or racing with another pair.
+IPSD_HOST_DEVICE bool leads_pair(const int64_t* partner, int64_t n, int64_t i) {
+  const int64_t j = partner[i];
+  return j > i && j < n && partner[j] == i;
+}
+
+// Whether sample i moves `cell` (of `cells` per sample).
 IPSD_HOST_DEVICE bool moves_cell(
     const int64_t* partner,
     const bool* mask,
@@ -109,8 +124,7 @@ IPSD_HOST_DEVICE bool moves_cell(
     int64_t cells,
     int64_t i,
     int64_t cell) {
-  const int64_t j = partner[i];
-  return j > i && j < n && partner[j] == i && mask[i * cells + cell];
+  return mask[i * cells + cell] && leads_pair(partner, n, i);
 }
 
 } // namespace ipsd

@@ -1,8 +1,10 @@
 // Host check of csrc/swap_common.h: for random layouts, the units the CUDA
-// kernel visits (cell_unit_offset, k = 0, 1, ...) are exactly the units the
-// CPU kernel visits (run_offset + position in the run), in the same order,
-// and the cells of a sample tile it exactly once. Compiled and run by
-// test_cell_math.py, so machines without a GPU test the GPU's arithmetic.
+// kernel visits in a cell (cell_unit_offset, k = 0, 1, ...) are exactly the
+// cell's runs (run_offset + position in the run), in the same order; the
+// cells of a sample tile it exactly once; and a span of adjacent cells
+// (cell_span, what the CPU kernel walks) covers exactly those cells' runs.
+// Compiled and run by test_cell_math.py, so machines without a GPU test the
+// GPU's arithmetic.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -55,6 +57,32 @@ int main(int argc, char** argv) {
           return 1;
         }
         ++seen[runs[k]];
+      }
+    }
+    const int64_t grid_h = l.cells / l.grid_w;
+    for (int64_t r = 0; r < grid_h; ++r) {
+      const int64_t begin = draw(0, l.grid_w - 1);
+      const int64_t end = draw(begin + 1, l.grid_w);
+      const ipsd::CellBox span = ipsd::cell_span(l, r, begin, end);
+      for (int64_t plane = 0; plane < l.planes; ++plane) {
+        for (int64_t row = 0; row < span.row_count; ++row) {
+          int64_t expected = ipsd::run_offset<int64_t>(l, span, plane, row);
+          for (int64_t col = begin; col < end; ++col) {
+            const ipsd::CellBox box = ipsd::cell_box(l, r * l.grid_w + col);
+            if (box.row0 != span.row0 || box.row_count != span.row_count ||
+                ipsd::run_offset<int64_t>(l, box, plane, row) != expected) {
+              std::printf("case %d: span [%lld, %lld) of grid row %lld breaks at cell %lld\n", c,
+                          (long long)begin, (long long)end, (long long)r, (long long)col);
+              return 1;
+            }
+            expected += box.unit_count;
+          }
+          if (expected != ipsd::run_offset<int64_t>(l, span, plane, row) + span.unit_count) {
+            std::printf("case %d: span [%lld, %lld) has the wrong length\n", c, (long long)begin,
+                        (long long)end);
+            return 1;
+          }
+        }
       }
     }
     for (int64_t u = 0; u < l.sample_units(); ++u) {
