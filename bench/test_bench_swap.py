@@ -44,6 +44,9 @@ from ipsd_cuda._ops import apply_plan_kernel
 
 NUM_CLASSES = 10  # ~N/10 samples per class: all but about one per class pair up
 SWAP_RATIO = 0.5
+# Every pair swaps (the package's default p is 0.5), so that each benchmark
+# moves the full half of every pair, as the peers' CutMix does.
+P = 1.0
 SEED = 0
 # Untimed calls before timing. The first also tells whether a peer accepts the
 # input and does lazy imports; CUDA needs a few more to settle its allocator
@@ -142,7 +145,7 @@ def _copy(case, images, labels, plan):
 
 def _plan(case, images, labels, plan):
     grid = ipsd_cuda.grid_for(images, case.patch_size)
-    return lambda: ipsd_cuda.make_plan(labels, grid, swap_ratio=SWAP_RATIO)
+    return lambda: ipsd_cuda.make_plan(labels, grid, swap_ratio=SWAP_RATIO, p=P)
 
 
 def _apply_kernel(case, images, labels, plan):
@@ -166,7 +169,7 @@ def _swap(backend):
         if backend == "kernel":
             _need_kernel(case)
         return lambda: ipsd_cuda.swap(
-            images, labels, patch_size=case.patch_size, swap_ratio=SWAP_RATIO, backend=backend
+            images, labels, patch_size=case.patch_size, swap_ratio=SWAP_RATIO, p=P, backend=backend
         )
 
     return make
@@ -223,7 +226,7 @@ IMPLS = {
 def test_swap(benchmark, others_busy, case, impl):
     torch.manual_seed(SEED)  # the plans that swap() draws, and the peers' draws
     images, labels = case.images(), case.labels()
-    plan = ipsd_cuda.make_plan(labels, ipsd_cuda.grid_for(images, case.patch_size), swap_ratio=SWAP_RATIO)
+    plan = ipsd_cuda.make_plan(labels, ipsd_cuda.grid_for(images, case.patch_size), swap_ratio=SWAP_RATIO, p=P)
     kind = IMPLS[impl].kind
     fn = IMPLS[impl].make(case, images, labels, plan)
     if case.device == "cuda":

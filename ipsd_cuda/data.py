@@ -36,7 +36,8 @@ class PatchSwapCollate:
         patch_size: ``P`` or ``(ph, pw)``, the cell size in pixels.
         swap_ratio: fraction of the cells a pair exchanges (default 0.5).
         alpha: if given, the fraction is drawn per pair from ``Beta(alpha, alpha)``.
-        p: probability that a pair exchanges anything (default 1.0).
+        p: probability that a pair exchanges anything (default 0.5; the
+            other pairs are distilled on clean images).
         pairing: ``"random"`` (default) pairs samples of a class at random
             within the batch; ``"halves"`` pairs ``i`` with ``i + N/2``, for
             batches from :class:`IntraClassPairSampler`.
@@ -69,7 +70,7 @@ class PatchSwapCollate:
         *,
         swap_ratio: float = 0.5,
         alpha: Optional[float] = None,
-        p: float = 1.0,
+        p: float = 0.5,
         pairing: str = "random",
         collate_fn: Optional[Callable] = None,
     ):

@@ -192,7 +192,7 @@ def make_plan(
     *,
     swap_ratio: float = 0.5,
     alpha: Optional[float] = None,
-    p: float = 1.0,
+    p: float = 0.5,
     pairing: str = "random",
     generator: Optional[torch.Generator] = None,
 ) -> SwapPlan:
@@ -204,7 +204,7 @@ def make_plan(
         swap_ratio: fraction of the ``G = gh * gw`` cells a pair exchanges.
         alpha: if given, each pair draws its fraction from ``Beta(alpha, alpha)``
             instead of using ``swap_ratio``.
-        p: probability that a pair exchanges anything at all.
+        p: probability that a pair exchanges anything at all (default 0.5).
         pairing: ``"random"`` pairs samples of each class at random (an odd
             one out stays unpaired); ``"halves"`` pairs ``i`` with ``i + N/2``
             (batches from :class:`IntraClassPairSampler`).

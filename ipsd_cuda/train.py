@@ -378,8 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, nargs="+", default=[4], help="P or PH PW")
     p.add_argument("--swap-ratio", type=float, default=0.5)
     p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--p", type=float, default=1.0, help="share of pairs that swap")
-    p.add_argument("--temperature", type=float, default=4.0, help="ips: distillation temperature")
+    p.add_argument("--p", type=float, default=0.5, help="share of pairs that swap")
+    p.add_argument("--temperature", type=float, default=1.0, help="ips: distillation temperature")
     p.add_argument("--cskd-temperature", type=float, default=4.0, help="cskd: its temperature (CS-KD uses 4)")
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--ce-on", default="swapped", choices=("swapped", "clean"),

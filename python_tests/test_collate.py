@@ -71,7 +71,8 @@ def test_loader_batches_equal_replayed_plans(dtype, num_workers, with_sampler):
     else:
         batches, pairing = [list(range(i, min(i + 8, 30))) for i in range(0, 30, 8)], "random"
         extra = dict(batch_size=8)
-    collate = PatchSwapCollate(PATCH, swap_ratio=0.4, pairing=pairing)
+    # p=1: every pair swaps, so every pair shows exactly its k cells.
+    collate = PatchSwapCollate(PATCH, swap_ratio=0.4, p=1.0, pairing=pairing)
     loader = DataLoader(dataset, num_workers=num_workers, collate_fn=collate, **extra)
     # The 10 x 11 images hold 3 x 4 cells of 4 x 3 pixels; round(0.4 * 12) = 5.
     check_loader(dataset, loader, batches, pairing, cells=5)
@@ -115,7 +116,7 @@ def test_spawned_worker():
         batch_size=6,
         num_workers=1,
         multiprocessing_context="spawn",
-        collate_fn=PatchSwapCollate(PATCH),
+        collate_fn=PatchSwapCollate(PATCH, p=1.0),
     )
     check_loader(dataset, loader, [list(range(6)), list(range(6, 12))], "random", cells=6)
 

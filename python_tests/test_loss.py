@@ -212,7 +212,7 @@ def test_with_a_swap_plan(device):
     images = torch.rand(16, 3, 8, 8, generator=g).to(device)
     plan = ipsd_cuda.swap(images, labels, patch_size=4)
     logits = torch.randn(16, 4, generator=g).to(device)
-    loss, parts = ips_loss(logits, labels, plan.partner, return_parts=True)
+    loss, parts = ips_loss(logits, labels, plan.partner, temperature=4.0, return_parts=True)
     want = reference_loss(logits.cpu(), labels.cpu(), plan.partner.cpu(), 4.0, 1.0)
     torch.testing.assert_close(loss.double().cpu(), want[0], rtol=1e-4, atol=1e-5)
     assert int(parts.pairs) == int((plan.partner >= 0).sum()) // 2
@@ -222,7 +222,9 @@ def test_clean_logits_carry_the_ce_and_swapped_logits_the_kd():
     logits, labels, partner = random_pairs(10, 4, 0.6, 5, 2.0, seed=8)
     clean = (logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))).requires_grad_()
     swapped = logits.clone().requires_grad_()
-    loss, parts = ips_loss(swapped, labels, partner, clean_logits=clean, kd_weight=0.7, return_parts=True)
+    loss, parts = ips_loss(
+        swapped, labels, partner, clean_logits=clean, temperature=4.0, kd_weight=0.7, return_parts=True
+    )
     torch.testing.assert_close(parts.ce, F.cross_entropy(clean.detach(), labels))
     kd_only = reference_loss(logits, labels, partner, 4.0, 1.0)[2]
     torch.testing.assert_close(parts.kd.double(), kd_only, rtol=1e-5, atol=1e-6)

@@ -58,7 +58,7 @@ def test_plan_properties(device, case):
     g = torch.Generator().manual_seed(case["seed"])
     labels = torch.randint(0, case["classes"], (case["n"],), generator=g, dtype=case["dtype"]).to(device)
     gen = torch.Generator(device=device).manual_seed(case["seed"])
-    plan = ipsd_cuda.make_plan(labels, case["grid"], swap_ratio=case["swap_ratio"], generator=gen)
+    plan = ipsd_cuda.make_plan(labels, case["grid"], swap_ratio=case["swap_ratio"], p=1.0, generator=gen)
     assert plan.partner.device == labels.device and plan.mask.device == labels.device
     cells = case["grid"][0] * case["grid"][1]
     k = min(max(round(case["swap_ratio"] * cells), 1), cells - 1)
@@ -87,8 +87,9 @@ def test_same_seed_same_plan_and_draw_order(device):
 
 def test_p_selects_pairs():
     labels = torch.zeros(2000, dtype=torch.long)
-    for p, lo, hi in ((0.0, 0, 0), (1.0, 1000, 1000), (0.3, 250, 350)):
-        plan = ipsd_cuda.make_plan(labels, (4, 4), p=p, generator=torch.Generator().manual_seed(1))
+    for p, lo, hi in ((0.0, 0, 0), (1.0, 1000, 1000), (0.3, 250, 350), (None, 450, 550)):
+        kwargs = {} if p is None else {"p": p}  # None: the default, 0.5
+        plan = ipsd_cuda.make_plan(labels, (4, 4), **kwargs, generator=torch.Generator().manual_seed(1))
         active_pairs = int(plan.mask.flatten(1).any(dim=1).sum()) // 2
         assert lo <= active_pairs <= hi, (p, active_pairs)
 
@@ -96,13 +97,13 @@ def test_p_selects_pairs():
 def test_alpha_draws_a_fraction_per_pair():
     labels = torch.zeros(4000, dtype=torch.long)
     grid = (8, 8)
-    plan = ipsd_cuda.make_plan(labels, grid, alpha=1.0, generator=torch.Generator().manual_seed(2))
+    plan = ipsd_cuda.make_plan(labels, grid, alpha=1.0, p=1.0, generator=torch.Generator().manual_seed(2))
     k = check_plan_properties(plan, labels, grid)
     assert k.min() >= 1 and k.max() <= 63
     # Beta(1, 1) is uniform: k spreads over the whole range, mean G / 2.
     assert abs(k.double().mean().item() - 32) < 1.5
     assert len(set(k.tolist())) > 50
-    small = ipsd_cuda.make_plan(labels, grid, alpha=0.05, generator=torch.Generator().manual_seed(2))
+    small = ipsd_cuda.make_plan(labels, grid, alpha=0.05, p=1.0, generator=torch.Generator().manual_seed(2))
     ks = small.mask.flatten(1).sum(dim=1)
     # A small alpha concentrates on the ends, clamped to [1, G - 1].
     assert ((ks <= 3) | (ks >= 61)).double().mean() > 0.8
@@ -116,7 +117,7 @@ def test_cells_and_pairs_are_uniform():
     pairings = Counter()
     trials = 3000
     for _ in range(trials):
-        plan = ipsd_cuda.make_plan(labels, (3, 4), swap_ratio=0.25, generator=g)
+        plan = ipsd_cuda.make_plan(labels, (3, 4), swap_ratio=0.25, p=1.0, generator=g)
         cell_counts += plan.mask[0].flatten().double()
         pairings[int(plan.partner[0])] += 1
     expected = trials * 3 / 12
@@ -128,7 +129,7 @@ def test_cells_and_pairs_are_uniform():
 @pytest.mark.parametrize("device", DEVICES)
 def test_halves_pairs_i_with_i_plus_half(device):
     labels = torch.tensor([4, 1, 1, 9, 4, 1, 1, 9], device=device)
-    plan = ipsd_cuda.make_plan(labels, (3, 3), pairing="halves")
+    plan = ipsd_cuda.make_plan(labels, (3, 3), pairing="halves", p=1.0)
     assert plan.partner.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
     check_plan_properties(plan, labels, (3, 3), k_expected=round(0.5 * 9))
 
