@@ -31,10 +31,10 @@ class SwapPlan:
 
     Example:
         >>> import torch, ipsd_cuda
-        >>> plan = ipsd_cuda.make_plan(torch.tensor([0, 1, 0, 1]), (2, 2))
+        >>> plan = ipsd_cuda.make_plan(torch.tensor([0, 1, 0, 1]), (2, 2), p=1.0)
         >>> plan.partner.tolist()
         [2, 3, 0, 1]
-        >>> int(plan.mask.sum(dim=(1, 2))[0])  # round(0.5 * 4) cells per pair
+        >>> int(plan.mask.sum(dim=(1, 2))[0])  # p=1: every pair swaps round(0.5 * 4) cells
         2
     """
 
