@@ -194,10 +194,10 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
         for batch in bar:
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             plan = batch[2] if len(batch) == 3 else None
-            first = method == "ips" and epoch == 0 and images_seen == 0 and dist_ctx.main
-            keep_clean = method == "ips" and plan is None and (args.ce_on == "clean" or first)
-            clean = x.clone() if keep_clean else None
+            clean = None
             if method == "ips" and plan is None:
+                show = epoch == 0 and images_seen == 0 and dist_ctx.main
+                before = x.clone() if args.ce_on == "clean" or show else None
                 synchronize()
                 t0 = time.perf_counter()
                 plan = swap(
@@ -206,10 +206,10 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
                 )
                 synchronize()
                 swap_s += time.perf_counter() - t0
-            if first and clean is not None:
-                plot_swaps(clean, x, seed, Path(args.out) / f"swaps-seed{seed}.png")
-            if args.ce_on != "clean":
-                clean = None
+                if show:
+                    plot_swaps(before, x, seed, Path(args.out) / f"swaps-seed{seed}.png")
+                if args.ce_on == "clean":
+                    clean = before
             with autocast():
                 if method == "ce":
                     loss = F.cross_entropy(net(normalize(x)), y)
@@ -238,7 +238,9 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
             loss.backward()
             optimizer.step()
             schedule.step()
-            totals += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in (loss.detach(), *parts, 1.0)])
+            totals += torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64, device=device) for v in (loss.detach(), *parts, 1.0)]
+            )
             images_seen += len(y)
         synchronize()
         elapsed = time.perf_counter() - start
