@@ -163,3 +163,11 @@ def test_two_process_ddp(tmp_path, method):
     # 512 samples over 2 ranks: 256 anchors per rank, 16 per step.
     assert epoch["steps"] == 256 // 16
     assert np.isfinite(epoch["test"]["nll"]) and epoch["images_per_s"] > 0
+
+
+def test_console_script():
+    script = os.path.join(os.path.dirname(sys.executable), "ipsd-train")
+    if not os.path.exists(script):
+        pytest.skip("ipsd_cuda is not pip-installed in this environment")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("usage: ipsd-train") and "--method" in result.stdout
