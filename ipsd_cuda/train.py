@@ -177,12 +177,29 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def timed_swap(x, y, spans):
+        """Swap in place; append the call's seconds, or on CUDA its pair of
+        events, read once per epoch so that timing adds no sync per step."""
+        kwargs = dict(patch_size=args.patch_size, swap_ratio=args.swap_ratio, alpha=args.alpha,
+                      p=args.p, pairing="halves")
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            plan = swap(x, y, **kwargs)
+            spans.append(time.perf_counter() - t0)
+            return plan
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+        plan = swap(x, y, **kwargs)
+        events[1].record()
+        spans.append(events)
+        return plan
+
     epochs = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         # Sums of: loss, ce, kd, pairs, first_teacher, batches.
         totals = torch.zeros(6, dtype=torch.float64, device=device)
-        images_seen, swap_s = 0, 0.0
+        images_seen, swap_spans = 0, []
         start = time.perf_counter()
         bar = tqdm(
             loader,
@@ -198,14 +215,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
             if method == "ips" and plan is None:
                 show = epoch == 0 and images_seen == 0 and dist_ctx.main
                 before = x.clone() if args.ce_on == "clean" or show else None
-                synchronize()
-                t0 = time.perf_counter()
-                plan = swap(
-                    x, y, patch_size=args.patch_size, swap_ratio=args.swap_ratio, alpha=args.alpha,
-                    p=args.p, pairing="halves",
-                )
-                synchronize()
-                swap_s += time.perf_counter() - t0
+                plan = timed_swap(x, y, swap_spans)
                 if show:
                     plot_swaps(before, x, seed, Path(args.out) / f"swaps-seed{seed}.png")
                 if args.ce_on == "clean":
@@ -244,6 +254,7 @@ def train_one(args, method, seed, initial_state, data, dist_ctx):
             images_seen += len(y)
         synchronize()
         elapsed = time.perf_counter() - start
+        swap_s = sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1000 for s in swap_spans)
         totals = dist_ctx.mean(totals).cpu()
         batches = max(float(totals[5]), 1.0)
         record = {
@@ -308,14 +319,20 @@ def table(summary, seeds):
     return "\n".join(lines)
 
 
-def plot_swaps(before, after, seed, path, pairs=6):
-    """The first pairs of a batch before and after the swap (pairing="halves":
-    sample i is paired with i + N/2), as a PNG grid."""
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend (training machines have no screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_swaps(before, after, seed, path, pairs=6):
+    """The first pairs of a batch before and after the swap (pairing="halves":
+    sample i is paired with i + N/2), as a PNG grid."""
+    plt = _pyplot()
     half = len(before) // 2
     rows = [before[:pairs], before[half : half + pairs], after[:pairs], after[half : half + pairs]]
     titles = ["anchor", "partner", "anchor, swapped", "partner, swapped"]
@@ -336,11 +353,7 @@ def plot_swaps(before, after, seed, path, pairs=6):
 
 def plot(runs, path):
     """Test top-1 and ECE per epoch, one line per method (mean over seeds, band = ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in METHODS:
         method_runs = [r for r in runs if r["method"] == method]
