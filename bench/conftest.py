@@ -55,9 +55,11 @@ def pytest_configure(config):
     config.stash[_CPU_AT_START] = _cpu_seconds()
     # pytest-benchmark writes its JSON at the very end, into an existing folder
     # only: create it now rather than lose the whole run (e.g. runs/ in a fresh checkout).
+    # Older pytest-benchmark releases open the file while parsing the options
+    # (an open file, whose folder therefore exists); newer ones pass a path.
     json_path = config.getoption("benchmark_json", None)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(json_path, os.PathLike):
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _others_busy(start, end):

@@ -39,11 +39,21 @@ step() {
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee -a "$REPORT"
 
+# The system compiler, whose C++ runtime is the one torch loads. On one GPU
+# image CC/CXX named a separate toolchain (/opt/gcc), and the module it built
+# crashed (SIGSEGV) on its first C++ exception, an argument check.
+export CC=${IPSD_CC:-gcc} CXX=${IPSD_CXX:-g++}
+echo "compilers: $("$CXX" --version | head -n 1); nvcc $(nvcc --version | grep -o 'release [0-9.]*')" | tee -a "$REPORT"
 step build "$DIR/build.log" env IPSD_REQUIRE_EXTENSION=1 MAX_JOBS=8 \
   $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
 $PY -c "import ipsd_cuda; print('kernels', ipsd_cuda.backends())" 2>&1 | tee -a "$REPORT"
+echo "links: $(readelf -d ipsd_cuda/_C*.so | grep -o 'NEEDED.*' | grep -oE '\[[^]]*\]' | tr -d '[]' | tr '\n' ' ')" | tee -a "$REPORT"
+# With pytest-xdist (on the GPU image), tests run in parallel workers, and a
+# test that crashes its worker is reported as failed instead of ending the run.
+PARALLEL=()
+$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 step tests "$DIR/tests.log" env IPSD_EXPECT_KERNELS=cpu,cuda HYPOTHESIS_PROFILE=ci \
-  $PY -m pytest -q -p no:cacheprovider -rs
+  $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short "${PARALLEL[@]}"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck initcheck; do
     step "$tool" "$DIR/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
@@ -63,7 +73,7 @@ if [ -n "${GPU_COMPARE:-}" ]; then
 fi
 
 echo "--- tests"
-grep -E "passed|failed|error" "$DIR/tests.log" | tail -n 3
+grep -E "^(FAILED|ERROR)|passed|failed|error" "$DIR/tests.log" | tail -n 30
 echo "--- sanitizer"
 grep -hE "ERROR SUMMARY|^(ok|FAIL) " "$DIR/sanitizer.log" 2>/dev/null
 echo "--- report"
