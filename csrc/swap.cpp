@@ -1,4 +1,4 @@
-// The op's schema, its argument checks and the Python module stub.
+// The ops' schemas, their argument checks and the Python module stub.
 // Kernels: cpu/swap_kernel.cpp, cuda/swap_kernel.cu (each registers itself).
 #include <Python.h>
 
@@ -18,76 +18,38 @@ int64_t ceil_div(int64_t a, int64_t b) {
 
 } // namespace
 
-int64_t plan_layout(
-    const at::Tensor& x,
-    const at::Tensor& partner,
-    const at::Tensor& mask,
-    int64_t patch_h,
-    int64_t patch_w,
-    int64_t max_unit_bytes,
-    SwapLayout* layout) {
+std::pair<int64_t, int64_t> grid_of(
+    const at::Tensor& x, int64_t patch_h, int64_t patch_w) {
   TORCH_CHECK_VALUE(
       x.dim() == 3 || x.dim() == 4,
-      "apply_plan_: x must be (N, H, W) or (N, C, H, W), got shape ",
+      "x must be (N, H, W) or (N, C, H, W), got shape ",
       x.sizes());
   TORCH_CHECK_VALUE(
-      x.is_contiguous() ||
-          (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
-      "apply_plan_: x must be contiguous or channels_last to be swapped in "
-      "place, got strides ",
-      x.strides());
-  TORCH_CHECK_VALUE(
       patch_h >= 1 && patch_w >= 1,
-      "apply_plan_: patch size must be >= 1, got (",
+      "patch size must be >= 1, got (",
       patch_h,
       ", ",
       patch_w,
       ")");
-  TORCH_CHECK_TYPE(
-      partner.scalar_type() == at::kLong,
-      "apply_plan_: partner must be int64, got ",
-      partner.scalar_type());
-  TORCH_CHECK_TYPE(
-      mask.scalar_type() == at::kBool,
-      "apply_plan_: mask must be bool, got ",
-      mask.scalar_type());
-  TORCH_CHECK_VALUE(
-      partner.device() == x.device() && mask.device() == x.device(),
-      "apply_plan_: partner and mask must be on x's device ",
-      x.device());
-  TORCH_CHECK_VALUE(
-      partner.is_contiguous() && mask.is_contiguous(),
-      "apply_plan_: partner and mask must be contiguous");
+  return {ceil_div(x.size(-2), patch_h), ceil_div(x.size(-1), patch_w)};
+}
 
-  const int64_t n = x.size(0);
-  const bool has_channels = x.dim() == 4;
-  const int64_t c = has_channels ? x.size(1) : 1;
-  const int64_t h = x.size(has_channels ? 2 : 1);
-  const int64_t w = x.size(has_channels ? 3 : 2);
-  const int64_t grid_h = ceil_div(h, patch_h);
-  const int64_t grid_w = ceil_div(w, patch_w);
+int64_t layout_of(
+    const at::Tensor& x,
+    int64_t patch_h,
+    int64_t patch_w,
+    int64_t max_unit_bytes,
+    SwapLayout* layout) {
+  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
   TORCH_CHECK_VALUE(
-      partner.dim() == 1 && partner.size(0) == n,
-      "apply_plan_: partner must have shape (",
-      n,
-      ",), got ",
-      partner.sizes());
-  TORCH_CHECK_VALUE(
-      mask.dim() == 3 && mask.size(0) == n && mask.size(1) == grid_h &&
-          mask.size(2) == grid_w,
-      "apply_plan_: mask must have shape (",
-      n,
-      ", ",
-      grid_h,
-      ", ",
-      grid_w,
-      ") for patch size (",
-      patch_h,
-      ", ",
-      patch_w,
-      "), got ",
-      mask.sizes());
-
+      x.is_contiguous() ||
+          (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+      "x must be contiguous or channels_last to be swapped in place, got "
+      "strides ",
+      x.strides());
+  const int64_t c = x.dim() == 4 ? x.size(1) : 1;
+  const int64_t h = x.size(-2);
+  const int64_t w = x.size(-1);
   if (x.numel() == 0) {
     return 0;
   }
@@ -115,12 +77,157 @@ int64_t plan_layout(
   return unit;
 }
 
+int64_t plan_layout(
+    const at::Tensor& x,
+    const at::Tensor& partner,
+    const at::Tensor& mask,
+    int64_t patch_h,
+    int64_t patch_w,
+    int64_t max_unit_bytes,
+    SwapLayout* layout) {
+  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
+  TORCH_CHECK_TYPE(
+      partner.scalar_type() == at::kLong,
+      "partner must be int64, got ",
+      partner.scalar_type());
+  TORCH_CHECK_TYPE(
+      mask.scalar_type() == at::kBool,
+      "mask must be bool, got ",
+      mask.scalar_type());
+  TORCH_CHECK_VALUE(
+      partner.device() == x.device() && mask.device() == x.device(),
+      "partner and mask must be on x's device ",
+      x.device());
+  TORCH_CHECK_VALUE(
+      partner.is_contiguous() && mask.is_contiguous(),
+      "partner and mask must be contiguous");
+  const int64_t n = x.size(0);
+  TORCH_CHECK_VALUE(
+      partner.dim() == 1 && partner.size(0) == n,
+      "partner must have shape (",
+      n,
+      ",), got ",
+      partner.sizes());
+  TORCH_CHECK_VALUE(
+      mask.dim() == 3 && mask.size(0) == n && mask.size(1) == grid_h &&
+          mask.size(2) == grid_w,
+      "mask must have shape (",
+      n,
+      ", ",
+      grid_h,
+      ", ",
+      grid_w,
+      ") for patch size (",
+      patch_h,
+      ", ",
+      patch_w,
+      "), got ",
+      mask.sizes());
+  return layout_of(x, patch_h, patch_w, max_unit_bytes, layout);
+}
+
+PlanArgs check_plan_args(
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t grid_h,
+    int64_t grid_w,
+    bool halves,
+    const c10::Device& device) {
+  TORCH_CHECK_TYPE(
+      labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
+      "labels must be int32 or int64, got ",
+      labels.scalar_type());
+  TORCH_CHECK_VALUE(
+      labels.dim() == 1, "labels must be 1-d (N,), got shape ", labels.sizes());
+  const int64_t n = labels.size(0);
+  const int64_t pairs = n / 2;
+  TORCH_CHECK_TYPE(
+      keys.scalar_type() == at::kLong,
+      "keys must be int64, got ",
+      keys.scalar_type());
+  TORCH_CHECK_VALUE(
+      keys.dim() == 1 && keys.size(0) == n + pairs,
+      "keys must have shape (",
+      n + pairs,
+      ",) for N = ",
+      n,
+      " (N pairing keys, then N // 2 pair keys), got ",
+      keys.sizes());
+  bool dense = labels.is_contiguous() && keys.is_contiguous();
+  bool same_device = labels.device() == device && keys.device() == device;
+  if (pair_k.has_value()) {
+    TORCH_CHECK_TYPE(
+        pair_k->scalar_type() == at::kLong,
+        "pair_k must be int64, got ",
+        pair_k->scalar_type());
+    TORCH_CHECK_VALUE(
+        pair_k->dim() == 1 && pair_k->size(0) == pairs,
+        "pair_k must have shape (",
+        pairs,
+        ",), got ",
+        pair_k->sizes());
+    dense = dense && pair_k->is_contiguous();
+    same_device = same_device && pair_k->device() == device;
+  }
+  TORCH_CHECK_VALUE(
+      same_device, "labels, keys and pair_k must be on the device ", device);
+  TORCH_CHECK_VALUE(dense, "labels, keys and pair_k must be contiguous");
+  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK_VALUE(
+      threshold >= 0 && threshold <= (int64_t{1} << kHalfBits),
+      "threshold must be in [0, 2^31], got ",
+      threshold);
+  TORCH_CHECK_VALUE(
+      grid_h >= 0 && grid_w >= 0 &&
+          (grid_w == 0 || grid_h <= (int64_t{1} << kHalfBits) / grid_w),
+      "the grid must have at most 2^31 cells, got (",
+      grid_h,
+      ", ",
+      grid_w,
+      ")");
+  TORCH_CHECK_VALUE(
+      !halves || n % 2 == 0,
+      "pairing='halves' needs an even batch size, got N = ",
+      n);
+  return PlanArgs{
+      n,
+      grid_h * grid_w,
+      k,
+      threshold,
+      halves,
+      keys.data_ptr<int64_t>(),
+      pair_k.has_value() ? pair_k->data_ptr<int64_t>() : nullptr};
+}
+
+PlanTensors empty_plan(
+    const at::Tensor& labels, int64_t grid_h, int64_t grid_w) {
+  const int64_t n = labels.size(0);
+  const auto on = labels.options();
+  return {
+      at::empty({n}, on.dtype(at::kLong)),
+      at::empty({n, grid_h, grid_w}, on.dtype(at::kBool)),
+      at::empty({}, on.dtype(at::kLong))};
+}
+
 } // namespace ipsd
 
 TORCH_LIBRARY(ipsd_cuda, m) {
   m.def(
       "apply_plan_(Tensor(a!) x, Tensor partner, Tensor mask, int patch_h, "
       "int patch_w) -> ()");
+  // The plan from its keys (see plan_common.h): partner, mask, error.
+  m.def(
+      "make_plan(Tensor labels, Tensor keys, Tensor? pair_k, int k, "
+      "int threshold, int grid_h, int grid_w, bool halves) "
+      "-> (Tensor, Tensor, Tensor)");
+  // make_plan and apply_plan_ on x in one call (one kernel on CUDA).
+  m.def(
+      "swap_(Tensor(a!) x, Tensor labels, Tensor keys, Tensor? pair_k, int k, "
+      "int threshold, int patch_h, int patch_w, bool halves) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // A module object so that `import ipsd_cuda._C` loads the library (and runs

@@ -1,17 +1,29 @@
-// Host-side pieces shared by the CPU and CUDA kernels of ipsd_cuda::apply_plan_.
+// Host-side pieces shared by the CPU and CUDA kernels of the ipsd_cuda ops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <tuple>
+
+#include "plan_common.h"
 #include "swap_common.h"
 
 namespace ipsd {
 
+// Checks that `x` can be swapped in place with this patch size and describes
+// it as a SwapLayout whose unit is the widest power of two, at most
+// `max_unit_bytes`, that divides every run and the data pointer. Returns the
+// unit size in bytes; 0 when there is nothing to move (an empty tensor).
+int64_t layout_of(
+    const at::Tensor& x,
+    int64_t patch_h,
+    int64_t patch_w,
+    int64_t max_unit_bytes,
+    SwapLayout* layout);
+
 // Checks the arguments of apply_plan_ (raising ValueError/TypeError in Python
-// before anything is written) and describes `x` as a SwapLayout whose unit is
-// the widest power of two, at most `max_unit_bytes`, that divides every run
-// and the data pointer. Returns the unit size in bytes; 0 when there is
-// nothing to move (an empty tensor).
+// before anything is written), then returns layout_of(x, ...).
 int64_t plan_layout(
     const at::Tensor& x,
     const at::Tensor& partner,
@@ -20,5 +32,41 @@ int64_t plan_layout(
     int64_t patch_w,
     int64_t max_unit_bytes,
     SwapLayout* layout);
+
+// The cell grid (gh, gw) of x for a patch size, checking x's rank and the
+// patch size.
+std::pair<int64_t, int64_t> grid_of(
+    const at::Tensor& x, int64_t patch_h, int64_t patch_w);
+
+// What the plan kernels read, checked by check_plan_args.
+struct PlanArgs {
+  int64_t n;          // samples
+  int64_t cells;      // gh * gw
+  int64_t k;          // cells per active pair, unless pair_k is given
+  int64_t threshold;  // a pair is active when its draw is below it
+  bool halves;        // pairing="halves" instead of "random"
+  const int64_t* keys;
+  const int64_t* pair_k;  // cells per pair (N / 2), or nullptr
+};
+
+// Checks the arguments of the plan and swap_ ops (before anything is
+// written) and collects them for the kernels. `device` is where every tensor
+// must be.
+PlanArgs check_plan_args(
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t grid_h,
+    int64_t grid_w,
+    bool halves,
+    const c10::Device& device);
+
+// The plan's outputs, allocated on the labels' device: partner (N,) int64,
+// mask (N, gh, gw) bool, error () int64 (the first i whose labels differ from
+// labels[i + N/2] under pairing="halves", else -1).
+using PlanTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+PlanTensors empty_plan(const at::Tensor& labels, int64_t grid_h, int64_t grid_w);
 
 } // namespace ipsd

@@ -1,15 +1,29 @@
-"""The pure-PyTorch implementation of applying a plan.
+"""The pure-PyTorch implementation: the plan from its keys, and applying a plan.
 
 Used when the extension is not built, with ``backend="torch"``, and as the
-reference the kernels are tested against: for the same plan it gives the same
-bits. Vectorised over the whole batch, with no Python loop over samples and
-no host synchronisation (so it traces into one graph). Unlike the kernels it
-reads the whole batch and writes every element back, unchanged ones with
-their own value: selecting only the moved elements would need a data-dependent
-shape.
+reference the kernels are tested against: for the same keys it draws the same
+plan, and for the same plan it gives the same bits. The plan's arithmetic is
+that of ``csrc/plan_common.h`` (key layout, pair activity, the cells' order),
+written with tensor operations: every product of two 31-bit values fits in
+int64, so no operation overflows.
+
+Vectorised over the whole batch, with no Python loop over samples and no host
+synchronisation (so it traces into one graph). Unlike the kernels, applying a
+plan reads the whole batch and writes every element back, unchanged ones with
+their own value: selecting only the moved elements would need a
+data-dependent shape.
 """
 
+from typing import Optional, Tuple
+
 import torch
+
+# csrc/plan_common.h: the 31-bit halves of a pair key, the step between the
+# inputs of consecutive cells, and the rounds of mix31.
+HALF_BITS = 31
+HALF_MASK = (1 << HALF_BITS) - 1
+CELL_STEP = 0x1E3779B9
+_MIX_ROUNDS = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x3A8F05C5))
 
 # A swap moves bits, never values: viewing floats as same-width integers keeps
 # every payload (NaNs included) exactly as it was.
@@ -21,21 +35,119 @@ _AS_INTEGER = {
 }
 
 
+def mix31(x: torch.Tensor) -> torch.Tensor:
+    """``mix31`` of plan_common.h on an int64 tensor of values in ``[0, 2^31)``."""
+    for shift, multiplier in _MIX_ROUNDS:
+        x = ((x ^ (x >> shift)) * multiplier) & HALF_MASK
+    return x ^ (x >> 15)
+
+
+def cell_order(seeds: torch.Tensor, cells: int) -> torch.Tensor:
+    """``(len(seeds), cells)`` int64: plan_common.h's ``cell_order`` of every
+    cell of every pair, whose ``k`` smallest values are the pair's cells."""
+    index = torch.arange(cells, device=seeds.device)
+    key = mix31((seeds[:, None] + index * CELL_STEP) & HALF_MASK)
+    return (key << 32) | index
+
+
+def _pair_random(labels: torch.Tensor, keys: torch.Tensor):
+    """Partner and pair number of every sample, pairing neighbours in the
+    order (label, key, index) within each class."""
+    n = labels.shape[0]
+    pos = torch.arange(n, device=labels.device)
+    _, by_key = torch.sort(keys, stable=True)
+    by_class, idx = torch.sort(labels[by_key], stable=True)
+    members = by_key[idx]
+    rank = pos - torch.searchsorted(by_class, by_class)
+    mate = torch.where(rank % 2 == 0, pos + 1, pos - 1).clamp_(max=n - 1)
+    has_mate = (mate != pos) & (by_class[mate] == by_class)
+    partner = torch.empty_like(pos)
+    partner[members] = torch.where(has_mate, members[mate], -1)
+    # Pairs are numbered by their leader's position; a second member counts
+    # the start just before it, which is its own pair's.
+    starts = (rank % 2 == 0) & has_mate
+    pair = torch.empty_like(pos)
+    pair[members] = (starts.cumsum(0) - 1).clamp_(min=0)
+    return partner, pair, torch.full((), -1, device=labels.device)
+
+
+def _pair_halves(labels: torch.Tensor):
+    """Partner and pair number of every sample, pairing ``i`` with ``i + N/2``
+    where their labels agree; the error is the first ``i`` where they do not."""
+    n = labels.shape[0]
+    half = n // 2
+    pos = torch.arange(n, device=labels.device)
+    mate = torch.where(pos < half, pos + half, pos - half)
+    same = labels == labels[mate]
+    partner = torch.where(same, mate, -1)
+    if half == 0:
+        return partner, pos, torch.full((), -1, device=labels.device)
+    first_bad = torch.where(same[:half], n, pos[:half]).amin()
+    return partner, pos % half, torch.where(first_bad < n, first_bad, -1)
+
+
+def make_plan_torch(
+    labels: torch.Tensor,
+    keys: torch.Tensor,
+    pair_k: Optional[torch.Tensor],
+    k: int,
+    threshold: int,
+    grid: Tuple[int, int],
+    halves: bool,
+):
+    """The plan drawn from ``keys`` (the ``ipsd_cuda::make_plan`` op's
+    arguments and results): ``(partner, mask, error)``."""
+    n = labels.shape[0]
+    pairs = n // 2
+    gh, gw = grid
+    cells = gh * gw
+    if halves:
+        partner, pair, error = _pair_halves(labels)
+    else:
+        partner, pair, error = _pair_random(labels, keys[:n])
+    if pairs == 0 or cells == 0:
+        return partner, torch.zeros(n, gh, gw, dtype=torch.bool, device=labels.device), error
+    pair_keys = keys[n:]
+    order = cell_order(pair_keys & HALF_MASK, cells)
+    if pair_k is not None:
+        rank = torch.empty_like(order).scatter_(
+            1, order.argsort(dim=1), torch.arange(cells, device=order.device).expand(pairs, cells)
+        )
+        chosen = rank < pair_k[:, None]
+    elif k <= 0:
+        chosen = torch.zeros_like(order, dtype=torch.bool)
+    elif k >= cells:
+        chosen = torch.ones_like(order, dtype=torch.bool)
+    else:
+        chosen = order <= order.kthvalue(k, dim=1, keepdim=True).values
+    chosen &= ((pair_keys >> HALF_BITS) < threshold)[:, None]
+    mask = chosen[pair] & (partner >= 0)[:, None]
+    return partner, mask.view(n, gh, gw), error
+
+
 def apply_plan_torch(
     x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, patch_h: int, patch_w: int
 ) -> None:
-    """Exchange the masked cells of every pair in ``x`` ((N, H, W) or (N, C, H, W)), in place."""
+    """Exchange the masked cells of every pair in ``x`` ((N, H, W) or (N, C, H, W)), in place.
+
+    As the kernels do, a pair moves only where ``partner`` is mutual
+    (``partner[partner[i]] == i``, no fixed point) and with its lower member's
+    mask, so that any plan, even an inconsistent one, gives the same bits on
+    every backend.
+    """
     n = x.shape[0]
     if x.numel() == 0 or n < 2:
         return
     h, w = x.shape[-2:]
+    pos = torch.arange(n, device=x.device)
+    in_range = (partner >= 0) & (partner < n)
+    mate = torch.where(in_range, partner, pos)
+    source = torch.where(in_range & (mate != pos) & (mate[mate] == pos), mate, pos)
     rows = torch.arange(h, device=x.device) // patch_h
     cols = torch.arange(w, device=x.device) // patch_w
-    moved = mask[:, rows[:, None], cols[None, :]]  # (N, H, W): the cell mask per pixel
+    lead_mask = mask[torch.minimum(pos, source)]
+    moved = lead_mask[:, rows[:, None], cols[None, :]]  # (N, H, W): the cell mask per pixel
     if x.dim() == 4:
         moved = moved.unsqueeze(1)
-    # The mask is the same for both members, so each simply takes its
-    # partner's pixels where the mask is set.
-    source = torch.where(partner >= 0, partner, torch.arange(n, device=x.device))
     bits = x.view(_AS_INTEGER.get(x.dtype, x.dtype))
     torch.where(moved, bits[source], bits, out=bits)

@@ -38,6 +38,41 @@ def backends() -> dict:
     return {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
 
 
+BACKENDS = ("auto", "kernel", "torch")
+
+
+def use_kernel(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` runs the extension's kernel on ``device`` (else the fallback)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backends().get(device.type, False):
+        return True
+    if backend == "kernel":
+        raise RuntimeError(
+            f"backend='kernel' but ipsd_cuda has no {device.type} kernel "
+            f"(built: {backends()}); reinstall with `pip install --no-build-isolation .`"
+            + (" on a machine with nvcc, or FORCE_CUDA=1" if device.type == "cuda" else "")
+        )
+    return False
+
+
+def make_plan_kernel(labels, keys, pair_k, k: int, threshold: int, grid, halves: bool):
+    """Run ``ipsd_cuda::make_plan``: ``(partner, mask, error)`` on the labels' device."""
+    return torch.ops.ipsd_cuda.make_plan.default(
+        labels.contiguous(), keys, pair_k, k, threshold, grid[0], grid[1], halves
+    )
+
+
+def swap_kernel(x, labels, keys, pair_k, k: int, threshold: int, patch_h: int, patch_w: int, halves: bool):
+    """Run ``ipsd_cuda::swap_``: draw the plan and apply it to ``x`` in place;
+    returns ``(partner, mask, error)``."""
+    return torch.ops.ipsd_cuda.swap_.default(
+        x, labels.contiguous(), keys, pair_k, k, threshold, patch_h, patch_w, halves
+    )
+
+
 def apply_plan_kernel(
     x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, patch_h: int, patch_w: int
 ) -> None:
@@ -47,8 +82,46 @@ def apply_plan_kernel(
 
 
 if _C is not None:
+    # The fakes check what the kernels' own checks would, as far as shapes,
+    # dtypes and devices go, so that misuse fails when tracing too.
+
+    def _check_plan_inputs(labels, keys, pair_k, device):
+        n = labels.shape[0]
+        torch._check(labels.dim() == 1 and labels.dtype in (torch.int32, torch.int64),
+                     lambda: f"labels must be (N,) int32/int64, got {labels.dtype} {tuple(labels.shape)}")
+        torch._check(keys.dtype == torch.int64 and tuple(keys.shape) == (n + n // 2,),
+                     lambda: f"keys must be ({n + n // 2},) int64, got {keys.dtype} {tuple(keys.shape)}")
+        torch._check(pair_k is None or (pair_k.dtype == torch.int64 and tuple(pair_k.shape) == (n // 2,)),
+                     lambda: "pair_k must be (N // 2,) int64")
+        torch._check(labels.device == device and keys.device == device,
+                     lambda: f"labels and keys must be on {device}")
+
+    def _plan_outputs(labels, grid_h, grid_w):
+        n = labels.shape[0]
+        return (
+            labels.new_empty((n,), dtype=torch.int64),
+            labels.new_empty((n, grid_h, grid_w), dtype=torch.bool),
+            labels.new_empty((), dtype=torch.int64),
+        )
 
     @torch.library.register_fake("ipsd_cuda::apply_plan_")
     def _apply_plan_fake(x, partner, mask, patch_h, patch_w):
+        n = x.shape[0]
+        grid = (-(-x.shape[-2] // patch_h), -(-x.shape[-1] // patch_w))
+        torch._check(partner.dtype == torch.int64 and tuple(partner.shape) == (n,),
+                     lambda: f"partner must be ({n},) int64")
+        torch._check(mask.dtype == torch.bool and tuple(mask.shape) == (n, *grid),
+                     lambda: f"mask must be {(n, *grid)} bool")
         # Mutates x in place and returns nothing: no output to describe.
         return None
+
+    @torch.library.register_fake("ipsd_cuda::make_plan")
+    def _make_plan_fake(labels, keys, pair_k, k, threshold, grid_h, grid_w, halves):
+        _check_plan_inputs(labels, keys, pair_k, labels.device)
+        return _plan_outputs(labels, grid_h, grid_w)
+
+    @torch.library.register_fake("ipsd_cuda::swap_")
+    def _swap_fake(x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves):
+        _check_plan_inputs(labels, keys, pair_k, x.device)
+        torch._check(labels.shape[0] == x.shape[0], lambda: "labels must have one label per sample")
+        return _plan_outputs(labels, -(-x.shape[-2] // patch_h), -(-x.shape[-1] // patch_w))

@@ -5,19 +5,22 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _ops
-from ._fallback import apply_plan_torch
+from ._fallback import apply_plan_torch, make_plan_torch
 from .plan import (
     PatchSize,
     SwapPlan,
+    check_generator,
     check_labels,
+    check_plan_args,
+    defer_error,
+    draw_keys,
     grid_for,
-    make_plan,
     patch_pair,
+    raise_deferred,
 )
 
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = IMAGE_DTYPES + (torch.int64,)
-BACKENDS = ("auto", "kernel", "torch")
 
 Targets = Union[None, torch.Tensor, Sequence[torch.Tensor]]
 
@@ -79,24 +82,6 @@ def _clip_patch(ph: int, pw: int, h: int, w: int):
     """The patch size clipped to the image: the same grid and cells, and sizes
     the kernel's 64-bit arithmetic cannot overflow on."""
     return min(ph, max(h, 1)), min(pw, max(w, 1))
-
-
-def _resolve(backend: str, device: torch.device):
-    """The function that applies a plan on ``device`` for ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return apply_plan_torch
-    built = _ops.backends().get(device.type, False)
-    if built:
-        return _ops.apply_plan_kernel
-    if backend == "kernel":
-        raise RuntimeError(
-            f"backend='kernel' but ipsd_cuda has no {device.type} kernel "
-            f"(built: {_ops.backends()}); reinstall with `pip install --no-build-isolation .`"
-            + (" on a machine with nvcc, or FORCE_CUDA=1" if device.type == "cuda" else "")
-        )
-    return apply_plan_torch
 
 
 def swap(
@@ -161,21 +146,25 @@ def swap(
         written.append((name, target))
     _check_disjoint(written)
     ph, pw = patch_pair(patch_size)
-    apply = _resolve(backend, images.device)
-    # make_plan checks the remaining arguments; nothing is written before.
-    plan = make_plan(
-        labels,
-        grid_for(images, (ph, pw)),
-        swap_ratio=swap_ratio,
-        alpha=alpha,
-        p=p,
-        pairing=pairing,
-        generator=generator,
-    )
+    check_plan_args(swap_ratio, alpha, p, pairing)
+    check_generator(generator, images.device)
+    kernel = _ops.use_kernel(backend, images.device)
+    raise_deferred()
+    grid = grid_for(images, (ph, pw))
+    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
     ph, pw = _clip_patch(ph, pw, h, w)
-    for _, t in written:
-        apply(t, plan.partner, plan.mask, ph, pw)
-    return plan
+    args = (draw.keys, draw.pair_k, draw.k, draw.threshold)
+    if kernel:
+        # Plan and images in one call (one kernel on CUDA), then the targets.
+        partner, mask, error = _ops.swap_kernel(images, labels, *args, ph, pw, draw.halves)
+        for _, t in written[1:]:
+            _ops.apply_plan_kernel(t, partner, mask, ph, pw)
+    else:
+        partner, mask, error = make_plan_torch(labels, *args, grid, draw.halves)
+        for _, t in written:
+            apply_plan_torch(t, partner, mask, ph, pw)
+    defer_error(error, draw, n)
+    return SwapPlan(partner, mask)
 
 
 def _check_plan(plan: SwapPlan, n: int, grid, device: torch.device) -> None:
@@ -191,10 +180,14 @@ def _check_plan(plan: SwapPlan, n: int, grid, device: torch.device) -> None:
         )
     if partner.device != device or mask.device != device:
         raise ValueError(f"plan must be on the tensor's device {device}: use plan.to({str(device)!r})")
-    if n == 0:
+    if n == 0 or torch.compiler.is_compiling():
+        # What follows depends on the plan's values, which a traced graph
+        # cannot branch on. Every backend moves only mutual pairs, with the
+        # lower member's mask, so an inconsistent plan is still memory-safe
+        # and gives the same bits everywhere.
         return
-    # A plan from outside make_plan is trusted only once it is a valid
-    # involution with a symmetric mask: otherwise backends would disagree.
+    # A plan from outside make_plan is checked eagerly, to say what is wrong
+    # with it rather than apply what the backends make of it.
     pos = torch.arange(n, device=device)
     in_range = (partner >= -1) & (partner < n) & (partner != pos)
     mate = torch.where(in_range & (partner >= 0), partner, pos)  # unpaired: itself
@@ -221,8 +214,11 @@ def apply_plan(
     """Apply an existing plan to ``tensor``, in place.
 
     Replays a plan, e.g. on a tensor that was not passed to :func:`swap`.
-    The plan is checked first (shape, device, a valid involution with a
-    symmetric mask), which costs one device synchronisation.
+    The plan is checked first: shape, dtype and device always; eagerly also
+    that it is a valid involution with a symmetric mask, which costs one
+    device synchronisation. Under ``torch.compile`` that second check is left
+    out (it depends on the plan's values): every backend then moves only the
+    mutual pairs of ``plan.partner``, each with its lower member's mask.
 
     Args:
         tensor: ``(N, H, W)`` or ``(N, C, H, W)``, any image dtype or int64,
@@ -241,5 +237,5 @@ def apply_plan(
     _check_swappable("tensor", tensor, TARGET_DTYPES)
     ph, pw = patch_pair(patch_size)
     _check_plan(plan, tensor.shape[0], grid_for(tensor, (ph, pw)), tensor.device)
-    apply = _resolve(backend, tensor.device)
+    apply = _ops.apply_plan_kernel if _ops.use_kernel(backend, tensor.device) else apply_plan_torch
     apply(tensor, plan.partner, plan.mask, *_clip_patch(ph, pw, *tensor.shape[-2:]))

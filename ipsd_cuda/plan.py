@@ -8,13 +8,17 @@ backend. A plan can be inspected, stored, moved between devices and replayed.
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ._fallback import HALF_BITS, make_plan_torch
+from ._ops import make_plan_kernel, use_kernel
 
 PatchSize = Union[int, Tuple[int, int]]
 
 PAIRINGS = ("random", "halves")
+KEY_BITS = 62
 
 
 @dataclass(frozen=True)
@@ -125,65 +129,89 @@ def check_generator(generator, device: torch.device) -> None:
         raise ValueError(f"generator must be on the tensors' device {device}, got {generator.device}")
 
 
-# Each pairing returns (partner, slot): slot[i] in [0, N // 2) numbers the
-# pair of i, the same for both members, so that each pair's random draws are
-# made once, in a batch of N // 2 slots.
+class _Draw(NamedTuple):
+    """The random part of a plan and the scalars derived from the arguments:
+    the ``ipsd_cuda::make_plan`` op's inputs."""
+
+    keys: torch.Tensor
+    pair_k: Optional[torch.Tensor]
+    k: int
+    threshold: int
+    halves: bool
 
 
-def _pair_random(labels: torch.Tensor, generator):
+def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator) -> _Draw:
+    """Draw a plan's keys (one call) and, with ``alpha``, its per-pair cell counts.
+
+    The layout of ``keys`` (see ``csrc/plan_common.h``): ``N`` pairing keys,
+    then ``N // 2`` pair keys, uniform in ``[0, 2^62)``. A pair is active when
+    the high 31 bits of its key are below ``threshold = floor(p * 2^31)``.
+    """
     n = labels.shape[0]
+    pairs = n // 2
     device = labels.device
-    # Shuffle, then sort stably by label: each class becomes one run of
-    # positions, in random order, and neighbours 2m, 2m + 1 of a run pair up.
-    order = torch.randperm(n, generator=generator, device=device)
-    by_class, idx = torch.sort(labels[order], stable=True)
-    members = order[idx]
-    pos = torch.arange(n, device=device)
-    rank = pos - torch.searchsorted(by_class, by_class)
-    mate = torch.where(rank % 2 == 0, pos + 1, pos - 1).clamp_(max=n - 1)
-    has_mate = (mate != pos) & (by_class[mate] == by_class)
-    partner = torch.empty(n, dtype=torch.int64, device=device)
-    partner[members] = torch.where(has_mate, members[mate], -1)
-    # Counting pair starts numbers the pairs; a second member counts as its first.
-    starts = (rank % 2 == 0) & has_mate
-    slot = torch.empty(n, dtype=torch.int64, device=device)
-    slot[members] = (starts.cumsum(0) - 1).clamp_(min=0)
-    return partner, slot
+    if pairing == "halves":
+        if n % 2:
+            raise ValueError(f"pairing='halves' needs an even batch size, got N = {n}")
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            # Free on the CPU: say so before anything is written.
+            differ = (labels[:pairs] != labels[pairs:]).nonzero()
+            if differ.numel():
+                i = int(differ[0, 0])
+                raise ValueError(
+                    f"pairing='halves' pairs i with i + N/2, but labels[{i}] = {int(labels[i])} "
+                    f"!= labels[{i + pairs}] = {int(labels[i + pairs])}"
+                )
+    keys = torch.randint(0, 1 << KEY_BITS, (n + pairs,), generator=generator, device=device)
+    k = min(max(round(swap_ratio * cells), 1), cells - 1) if cells >= 2 else 0
+    pair_k = None
+    if alpha is not None:
+        # Beta(a, a) is the first coordinate of Dirichlet(a, a); this is the
+        # Beta sampler that accepts a generator.
+        concentration = torch.full((pairs, 2), float(alpha), dtype=torch.float64, device=device)
+        fraction = torch._sample_dirichlet(concentration, generator=generator)[:, 0]
+        if cells >= 2:
+            pair_k = torch.round(fraction * cells).long().clamp_(1, cells - 1)
+        else:
+            pair_k = torch.zeros(pairs, dtype=torch.int64, device=device)
+    return _Draw(keys, pair_k, k, int(p * (1 << HALF_BITS)), pairing == "halves")
 
 
-def _pair_halves(labels: torch.Tensor):
-    n = labels.shape[0]
-    if n % 2:
-        raise ValueError(f"pairing='halves' needs an even batch size, got N = {n}")
-    half = n // 2
-    differ = (labels[:half] != labels[half:]).nonzero()
-    if differ.numel():
-        i = int(differ[0, 0])
-        raise ValueError(
-            f"pairing='halves' pairs i with i + N/2, but labels[{i}] = {int(labels[i])} "
-            f"!= labels[{i + half}] = {int(labels[i + half])}"
-        )
-    pos = torch.arange(n, device=labels.device)
-    return torch.where(pos < half, pos + half, pos - half), pos % max(half, 1)
+# pairing="halves" on CUDA checks the labels on the device without waiting for
+# it: each call leaves (its error, copied to pinned memory, and an event), and
+# the next call raises once the event has passed and the error is set.
+_unchecked: List[Tuple[torch.Tensor, "torch.cuda.Event", int]] = []
 
 
-def _choose_cells(k, rows: int, cells: int, generator, device) -> torch.Tensor:
-    """``(rows, cells)`` bool with exactly ``k`` (an int, or one per row) cells
-    set per row, each k-subset equally likely."""
-    if cells < 2:
-        return torch.zeros(rows, cells, dtype=torch.bool, device=device)
-    # Random keys made distinct by the cell index in their low part (ties of
-    # the random part, of probability ~cells^2 / 2^50, go to the lower cell):
-    # the k smallest keys are then exactly those up to the k-th, found by a
-    # selection, which is several times cheaper than sorting each row.
-    span = 1 << (62 - cells.bit_length())
-    keys = torch.randint(0, span, (rows, cells), generator=generator, device=device) * cells
-    keys += torch.arange(cells, device=device)
-    if isinstance(k, int):
-        threshold = keys.kthvalue(k, dim=1, keepdim=True).values
-    else:
-        threshold = keys.sort(dim=1).values.gather(1, k[:, None] - 1)
-    return keys <= threshold
+def defer_error(error: torch.Tensor, draw: _Draw, n: int) -> None:
+    """Keep a CUDA plan's ``error`` for :func:`raise_deferred` to read later."""
+    if not draw.halves or error.device.type != "cuda" or torch.compiler.is_compiling():
+        return
+    if torch.cuda.is_current_stream_capturing():
+        return
+    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+    host.copy_(error, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _unchecked.append((host, event, n))
+
+
+def raise_deferred() -> None:
+    """Raise for an earlier pairing="halves" call on CUDA whose labels differed."""
+    if not _unchecked or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        # Events cannot be queried while a CUDA graph is being captured.
+        return
+    while _unchecked and _unchecked[0][1].query():
+        host, _, n = _unchecked.pop(0)
+        i = int(host)
+        if i >= 0:
+            _unchecked.clear()
+            raise ValueError(
+                f"pairing='halves' pairs i with i + N/2, but an earlier call (N = {n}) had "
+                f"labels[{i}] != labels[{i + n // 2}]; such pairs were left unpaired. On CUDA the "
+                "labels are checked on the device without waiting, and a mismatch is reported "
+                "by the next call."
+            )
 
 
 def make_plan(
@@ -195,6 +223,7 @@ def make_plan(
     p: float = 0.5,
     pairing: str = "random",
     generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
 ) -> SwapPlan:
     """Draw a swap plan: intra-class pairs and, per pair, the cells to exchange.
 
@@ -210,12 +239,18 @@ def make_plan(
             (batches from :class:`IntraClassPairSampler`).
         generator: the only source of randomness (default: torch's default
             generator of the labels' device).
+        backend: ``"auto"`` (the extension's kernel where built, else the
+            fallback), ``"kernel"`` or ``"torch"``; all draw the same plan.
 
     Each active pair exchanges exactly ``k = round(fraction * G)`` distinct
     cells (clamped to ``[1, G - 1]`` when ``G >= 2``, ``0`` when ``G == 1``),
-    drawn uniformly; both members use the same cells. Random numbers are drawn
-    in a fixed order (pairing, activity, fraction, cells), so the same seed on
-    the same device gives the same plan.
+    drawn uniformly; both members use the same cells. All the random numbers
+    are drawn in one call (a second one for ``alpha``), and every decision is
+    arithmetic on them, so the same seed on the same device gives the same
+    plan on every backend. Nothing waits for the device: on CUDA, a
+    ``"halves"`` batch whose labels differ across the halves leaves those
+    pairs unpaired and is reported by the next call (on the CPU it raises at
+    once).
 
     Returns:
         a :class:`SwapPlan`.
@@ -232,24 +267,11 @@ def make_plan(
     check_generator(generator, labels.device)
     if len(grid) != 2 or min(grid) < 0:
         raise ValueError(f"grid must be (gh, gw) with gh, gw >= 0, got {grid!r}")
-    gh, gw = (int(v) for v in grid)
-    n, cells, device = labels.shape[0], gh * gw, labels.device
-
-    partner, slot = _pair_random(labels, generator) if pairing == "random" else _pair_halves(labels)
-    slots = n // 2
-    active = torch.rand(slots, generator=generator, device=device) < p
-    if alpha is None:
-        k = min(max(round(swap_ratio * cells), 1), cells - 1)
-    else:
-        # Beta(a, a) is the first coordinate of Dirichlet(a, a); this is the
-        # Beta sampler that accepts a generator.
-        concentration = torch.full((slots, 2), float(alpha), dtype=torch.float64, device=device)
-        fraction = torch._sample_dirichlet(concentration, generator=generator)[:, 0]
-        k = torch.round(fraction * cells).long().clamp_(1, max(cells - 1, 1))
-    chosen = _choose_cells(k, slots, cells, generator, device) & active[:, None]
-    if slots == 0:
-        mask = torch.zeros(n, cells, dtype=torch.bool, device=device)
-    else:
-        mask = chosen[slot] & (partner >= 0)[:, None]
-    mask = mask.view(n, gh, gw)
+    grid = (int(grid[0]), int(grid[1]))
+    kernel = use_kernel(backend, labels.device)
+    raise_deferred()
+    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
+    plan_of = make_plan_kernel if kernel else make_plan_torch
+    partner, mask, error = plan_of(labels, draw.keys, draw.pair_k, draw.k, draw.threshold, grid, draw.halves)
+    defer_error(error, draw, labels.shape[0])
     return SwapPlan(partner, mask)

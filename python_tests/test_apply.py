@@ -110,7 +110,9 @@ def test_swap_kernel_equals_fallback_every_dtype_and_layout(device, dtype, chann
     for backend in ("kernel", "torch"):
         x, t = images.clone(), target.clone()
         plan_gen = torch.Generator(device=device).manual_seed(99)
-        plan = ipsd_cuda.swap(x, labels, patch_size=patch, targets=[t], generator=plan_gen, backend=backend)
+        plan = ipsd_cuda.swap(
+                x, labels, patch_size=patch, targets=[t], p=1.0, generator=plan_gen, backend=backend
+            )
         assert plan.mask.any(), "the case should move something"
         results.append((x, t, plan))
     (xk, tk, pk), (xt, tt, pt) = results

@@ -49,26 +49,57 @@ def test_op_rejects_mismatched_mask(device):
         torch.ops.ipsd_cuda.apply_plan_(x[:, :, ::2], partner, torch.zeros(4, 1, 2, dtype=torch.bool, device=device), 4, 4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_compile_fullgraph(backend):
-    """swap traces into one graph on the CPU, kernel and fallback alike."""
+def test_compile_fullgraph(device, backend):
+    """swap traces into one graph, kernel and fallback alike; with inductor's
+    fallback_random (eager's random numbers) it draws what eager draws."""
     torch._dynamo.reset()
 
-    @torch.compile(fullgraph=True)
     def step(images, labels):
         # p=1: with the default p=0.5 all four pairs stay idle one time in 16.
         plan = ipsd_cuda.swap(images, labels, patch_size=4, p=1.0, backend=backend)
         return images * 2, plan.partner, plan.mask
 
+    compiled = torch.compile(step, fullgraph=True)
     g = torch.Generator().manual_seed(0)
-    images = random_bits((8, 3, 16, 16), torch.float32, generator=g)
+    images = random_bits((8, 3, 16, 16), torch.float32, generator=g, device=device)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
     original = images.clone()
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    doubled, partner, mask = step(images, labels)
+    doubled, partner, mask = compiled(images, labels)
     plan = ipsd_cuda.SwapPlan(partner, mask)
     assert plan.mask.any()
     assert same_bits(images, reference_apply(original, plan, 4))
     assert same_bits(doubled, images * 2)
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        results = []
+        for run in (torch.compile(step, fullgraph=True), step):
+            x = original.clone()
+            torch.manual_seed(4)
+            results.append((x, *run(x, labels)[1:]))
+    (xa, pa, ma), (xb, pb, mb) = results
+    assert torch.equal(pa, pb) and torch.equal(ma, mb) and same_bits(xa, xb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_apply_plan_compiles_fullgraph(device, backend):
+    """apply_plan traces without the eager, value-dependent plan check."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def replay(x, partner, mask):
+        ipsd_cuda.apply_plan(x, ipsd_cuda.SwapPlan(partner, mask), patch_size=8, backend=backend)
+        return x + 1
+
+    g = torch.Generator().manual_seed(1)
+    x = random_bits((6, 3, 16, 24), torch.float16, generator=g, device=device)
+    plan = ipsd_cuda.make_plan(torch.tensor([0, 1, 0, 1, 2, 2], device=device), (2, 3), p=1.0)
+    expected = reference_apply(x.clone(), plan, 8)
+    out = replay(x, plan.partner, plan.mask)
+    assert same_bits(x, expected) and same_bits(out, expected + 1)
 
 
 def test_backends_reports_build():
@@ -117,13 +148,22 @@ def test_missing_extension_warns_once_and_falls_back():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_uses_the_kernel_where_built(device, monkeypatch):
-    from ipsd_cuda import _ops, patch_swap
+    from ipsd_cuda import _ops, patch_swap, plan
 
     calls = []
-    monkeypatch.setattr(_ops, "apply_plan_kernel", lambda *a: calls.append("kernel"))
-    monkeypatch.setattr(patch_swap, "apply_plan_torch", lambda *a: calls.append("torch"))
+
+    def spy(module, name, tag):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a: (calls.append(tag), original(*a))[1])
+
+    spy(_ops, "swap_kernel", "kernel")
+    spy(patch_swap, "make_plan_torch", "torch")
+    spy(plan, "make_plan_kernel", "kernel")
+    spy(plan, "make_plan_torch", "torch")
     x = torch.zeros(2, 1, 4, 4, device=device)
+    labels = torch.tensor([0, 0], device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ipsd_cuda.swap(x, torch.tensor([0, 0], device=device), patch_size=2)
-    assert calls == ["kernel" if kernel_available(device) else "torch"]
+        ipsd_cuda.swap(x, labels, patch_size=2)
+        ipsd_cuda.make_plan(labels, (2, 2))
+    assert calls == ["kernel" if kernel_available(device) else "torch"] * 2

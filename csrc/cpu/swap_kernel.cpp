@@ -1,9 +1,12 @@
-// CPU kernel of ipsd_cuda::apply_plan_, for data-loader workers and CPU
-// training. Parallel over (pair, grid row); each pair is moved by its lower
-// member.
+// CPU kernels of the ipsd_cuda ops, for data-loader workers and CPU
+// training. The plan sorts the samples and selects each pair's cells
+// (plan_common.h defines the orders); applying it is parallel over
+// (pair, grid row), each pair moved by its lower member.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "../swap.h"
@@ -79,6 +82,179 @@ void swap_cells(
   });
 }
 
+// Pairs the samples (partner) and lists each pair's leading sample, in pair
+// order (-1 for a pair of pairing="halves" whose labels differ). Returns the
+// first such i, or -1.
+template <typename label_t>
+int64_t pair_samples(
+    const label_t* labels,
+    const PlanArgs& a,
+    int64_t* partner,
+    std::vector<int64_t>* leaders) {
+  const int64_t n = a.n;
+  std::fill(partner, partner + n, int64_t{-1});
+  if (a.halves) {
+    const int64_t half = n / 2;
+    int64_t error = -1;
+    leaders->assign(half, -1);
+    for (int64_t i = 0; i < half; ++i) {
+      if (labels[i] == labels[i + half]) {
+        partner[i] = i + half;
+        partner[i + half] = i;
+        (*leaders)[i] = i;
+      } else if (error < 0) {
+        error = i;
+      }
+    }
+    return error;
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return sample_before(labels[x], a.keys[x], x, labels[y], a.keys[y], y);
+  });
+  leaders->clear();
+  for (int64_t begin = 0; begin < n;) {
+    int64_t end = begin + 1;
+    while (end < n && labels[order[end]] == labels[order[begin]]) {
+      ++end;
+    }
+    for (int64_t r = begin; r + 1 < end; r += 2) {
+      partner[order[r]] = order[r + 1];
+      partner[order[r + 1]] = order[r];
+      leaders->push_back(order[r]);
+    }
+    begin = end;
+  }
+  return -1;
+}
+
+// Sets, for every active pair, the k cells that come first in cell_order,
+// in the masks of both members.
+void choose_cells(
+    const PlanArgs& a,
+    const std::vector<int64_t>& leaders,
+    const int64_t* partner,
+    bool* mask) {
+  const int64_t cells = a.cells;
+  std::fill(mask, mask + a.n * cells, false);
+  if (cells == 0) {
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / cells);
+  const int64_t pairs = static_cast<int64_t>(leaders.size());
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> order(cells);
+    std::vector<uint64_t> selected(cells);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t i = leaders[s];
+      const int64_t key = a.keys[a.n + s];
+      const int64_t k = a.pair_k != nullptr ? a.pair_k[s] : a.k;
+      if (i < 0 || !pair_active(key, a.threshold) || k <= 0) {
+        continue;
+      }
+      bool* mi = mask + i * cells;
+      bool* mj = mask + partner[i] * cells;
+      if (k >= cells) {
+        std::fill(mi, mi + cells, true);
+        std::fill(mj, mj + cells, true);
+        continue;
+      }
+      const uint32_t seed = pair_seed(key);
+      for (int64_t c = 0; c < cells; ++c) {
+        order[c] = cell_order(seed, c);
+      }
+      selected = order;
+      std::nth_element(selected.begin(), selected.begin() + (k - 1), selected.end());
+      const uint64_t last = selected[k - 1];
+      for (int64_t c = 0; c < cells; ++c) {
+        if (order[c] <= last) {
+          mi[c] = true;
+          mj[c] = true;
+        }
+      }
+    }
+  });
+}
+
+void draw_plan(
+    const at::Tensor& labels,
+    const PlanArgs& a,
+    at::Tensor& partner,
+    at::Tensor& mask,
+    at::Tensor& error) {
+  std::vector<int64_t> leaders;
+  int64_t* p = partner.data_ptr<int64_t>();
+  const int64_t first_error = labels.scalar_type() == at::kInt
+      ? pair_samples(labels.data_ptr<int32_t>(), a, p, &leaders)
+      : pair_samples(labels.data_ptr<int64_t>(), a, p, &leaders);
+  choose_cells(a, leaders, p, mask.data_ptr<bool>());
+  error.fill_(first_error);
+}
+
+template <typename Fn>
+void dispatch_unit(int64_t unit, void* data, Fn&& fn) {
+  switch (unit) {
+    case 1:
+      return fn(static_cast<uint8_t*>(data));
+    case 2:
+      return fn(static_cast<uint16_t*>(data));
+    case 4:
+      return fn(static_cast<uint32_t*>(data));
+    default:
+      return fn(static_cast<uint64_t*>(data));
+  }
+}
+
+PlanTensors make_plan_cpu(
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t grid_h,
+    int64_t grid_w,
+    bool halves) {
+  const PlanArgs a = check_plan_args(
+      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, labels.device());
+  PlanTensors plan = empty_plan(labels, grid_h, grid_w);
+  auto& [partner, mask, error] = plan;
+  draw_plan(labels, a, partner, mask, error);
+  return plan;
+}
+
+PlanTensors swap_cpu(
+    at::Tensor& x,
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t patch_h,
+    int64_t patch_w,
+    bool halves) {
+  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
+  TORCH_CHECK_VALUE(
+      labels.dim() == 1 && labels.size(0) == x.size(0),
+      "labels must have shape (",
+      x.size(0),
+      ",), got ",
+      labels.sizes());
+  const PlanArgs a = check_plan_args(
+      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, x.device());
+  SwapLayout l{};
+  const int64_t unit = layout_of(x, patch_h, patch_w, sizeof(uint64_t), &l);
+  PlanTensors plan = empty_plan(labels, grid_h, grid_w);
+  auto& [partner, mask, error] = plan;
+  draw_plan(labels, a, partner, mask, error);
+  if (unit != 0) {
+    const int64_t* p = partner.data_ptr<int64_t>();
+    const bool* m = mask.data_ptr<bool>();
+    dispatch_unit(unit, x.data_ptr(), [&](auto* data) { swap_cells(data, p, m, a.n, l); });
+  }
+  return plan;
+}
+
 void apply_plan_cpu(
     at::Tensor& x,
     const at::Tensor& partner,
@@ -89,22 +265,12 @@ void apply_plan_cpu(
   // Wider units than 8 bytes buy nothing here: the compiler widens the loop.
   const int64_t unit =
       plan_layout(x, partner, mask, patch_h, patch_w, sizeof(uint64_t), &l);
-  const int64_t n = x.size(0);
-  const int64_t* p = partner.data_ptr<int64_t>();
-  const bool* m = mask.data_ptr<bool>();
-  void* data = x.data_ptr();
-  switch (unit) {
-    case 0:
-      return;
-    case 1:
-      return swap_cells(static_cast<uint8_t*>(data), p, m, n, l);
-    case 2:
-      return swap_cells(static_cast<uint16_t*>(data), p, m, n, l);
-    case 4:
-      return swap_cells(static_cast<uint32_t*>(data), p, m, n, l);
-    default:
-      return swap_cells(static_cast<uint64_t*>(data), p, m, n, l);
+  if (unit == 0) {
+    return;
   }
+  dispatch_unit(unit, x.data_ptr(), [&](auto* data) {
+    swap_cells(data, partner.data_ptr<int64_t>(), mask.data_ptr<bool>(), x.size(0), l);
+  });
 }
 
 } // namespace
@@ -112,4 +278,6 @@ void apply_plan_cpu(
 
 TORCH_LIBRARY_IMPL(ipsd_cuda, CPU, m) {
   m.impl("apply_plan_", &ipsd::apply_plan_cpu);
+  m.impl("make_plan", &ipsd::make_plan_cpu);
+  m.impl("swap_", &ipsd::swap_cpu);
 }

@@ -1,0 +1,136 @@
+// The decisions of a swap plan, as arithmetic on random keys, written once
+// for both kernels: the CPU kernel includes it as plain C++, the CUDA kernel
+// as __host__ __device__ code, and the PyTorch fallback (ipsd_cuda/plan.py)
+// computes the same functions with tensor operations. Given the same keys
+// every backend therefore draws the same plan, bit for bit.
+//
+// The keys: one int64 tensor of N + N/2 values, uniform in [0, 2^62), drawn
+// in a single call.
+//   keys[i], i < N:      sample i's pairing key ("random" pairing sorts the
+//                        samples by (label, key, index));
+//   keys[N + s], s < S:  pair s's key. Its high 31 bits decide whether the
+//                        pair is active, its low 31 bits seed the pair's
+//                        cell keys (cell_key below), so that drawing the plan
+//                        costs O(N) random numbers, not O(N * cells).
+// Pairs are numbered by the sorted position of their first member.
+//
+// The CPU kernel sorts and selects (std::sort, std::nth_element); the CUDA
+// kernel counts ranks, one thread per sample and one warp per cell. Both use
+// the orders defined here, which are total (ties go to the lower index), so
+// the results agree; python_tests/cell_math_check.cpp checks the counting
+// forms against the sorting forms on the host.
+#pragma once
+
+#include <cstdint>
+
+#include "swap_common.h"
+
+namespace ipsd {
+
+constexpr int kHalfBits = 31;
+constexpr uint32_t kHalfMask = 0x7FFFFFFFu;
+// An odd step, so that cells 0..2^31-1 get distinct inputs to mix31.
+constexpr uint32_t kCellStep = 0x1E3779B9u;
+
+// A bijection of [0, 2^31): xor-shifts and odd multipliers modulo 2^31. The
+// products of 31-bit values fit in int64, so the fallback computes the same
+// bits with plain tensor arithmetic.
+IPSD_HOST_DEVICE uint32_t mix31(uint32_t x) {
+  x ^= x >> 16;
+  x = (x * 0x7FEB352Du) & kHalfMask;
+  x ^= x >> 15;
+  x = (x * 0x2C1B3C6Du) & kHalfMask;
+  x ^= x >> 16;
+  x = (x * 0x3A8F05C5u) & kHalfMask;
+  x ^= x >> 15;
+  return x;
+}
+
+// Whether pair key `pair_key` makes its pair active: its high 31 bits fall
+// below `threshold` = floor(p * 2^31).
+IPSD_HOST_DEVICE bool pair_active(int64_t pair_key, int64_t threshold) {
+  return (pair_key >> kHalfBits) < threshold;
+}
+
+IPSD_HOST_DEVICE uint32_t pair_seed(int64_t pair_key) {
+  return static_cast<uint32_t>(pair_key) & kHalfMask;
+}
+
+// The order in which a pair's cells are chosen: by key, then by index (the
+// keys of one pair are distinct, mix31 being a bijection, but the order is
+// total regardless). A pair exchanges the k cells that come first.
+IPSD_HOST_DEVICE uint64_t cell_order(uint32_t seed, int64_t cell) {
+  const uint32_t key =
+      mix31((seed + static_cast<uint32_t>(cell) * kCellStep) & kHalfMask);
+  return (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(cell);
+}
+
+// Whether sample a comes before sample b in the "random" pairing order.
+template <typename label_t>
+IPSD_HOST_DEVICE bool sample_before(
+    label_t label_a, int64_t key_a, int64_t a,
+    label_t label_b, int64_t key_b, int64_t b) {
+  if (label_a != label_b) {
+    return label_a < label_b;
+  }
+  return key_a < key_b || (key_a == key_b && a < b);
+}
+
+// One sample's place in the "random" pairing order, accumulated over every
+// sample j (itself included) in any order: the CUDA kernel feeds it from
+// shared-memory tiles, one thread per sample.
+template <typename label_t>
+struct SampleScan {
+  label_t label;
+  int64_t key;
+  int64_t index;
+  int64_t below = 0;    // samples of a smaller label
+  int64_t rank = 0;     // samples of its label that come before it
+  int64_t count = 0;    // samples of its label, itself included
+  int64_t prev = -1;    // the sample of its label just before it
+  int64_t prev_key = 0;
+  int64_t next = -1;    // the sample of its label just after it
+  int64_t next_key = 0;
+
+  IPSD_HOST_DEVICE SampleScan(label_t l, int64_t k, int64_t i)
+      : label(l), key(k), index(i) {}
+
+  IPSD_HOST_DEVICE void visit(label_t l, int64_t k, int64_t j) {
+    if (l < label) {
+      ++below;
+      return;
+    }
+    if (l != label) {
+      return;
+    }
+    ++count;
+    if (sample_before(l, k, j, label, key, index)) {
+      ++rank;
+      if (prev < 0 || sample_before(l, prev_key, prev, l, k, j)) {
+        prev = j;
+        prev_key = k;
+      }
+    } else if (j != index &&
+               (next < 0 || sample_before(l, k, j, l, next_key, next))) {
+      next = j;
+      next_key = k;
+    }
+  }
+
+  // Position in the order (label, key, index) over the whole batch.
+  IPSD_HOST_DEVICE int64_t position() const {
+    return below + rank;
+  }
+
+  // Within its class the 1st and 2nd, 3rd and 4th, ... samples pair up; the
+  // first of each pair leads it.
+  IPSD_HOST_DEVICE bool leads() const {
+    return rank % 2 == 0 && rank + 1 < count;
+  }
+
+  IPSD_HOST_DEVICE int64_t partner() const {
+    return leads() ? next : (rank % 2 == 1 ? prev : -1);
+  }
+};
+
+} // namespace ipsd

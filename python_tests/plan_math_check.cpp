@@ -1,0 +1,171 @@
+// Host check of csrc/plan_common.h: the counting forms the CUDA kernels use
+// (SampleScan fed one sample at a time; a cell's rank counted over the
+// pair's cells) give the same plan as sorting (what the CPU kernel does):
+// the same partners, positions, leaders, pair numbers and chosen cells, with
+// ties in the keys included. Compiled and run by test_cell_math.py, so
+// machines without a GPU test the GPU's decision logic.
+//
+//   plan_math_check CASES SEED    random batches; prints "ok CASES batches"
+//   plan_math_check mix X...      prints mix31(X) for each X, for the fallback
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "../csrc/plan_common.h"
+
+namespace {
+
+struct Pairing {
+  std::vector<int64_t> partner, position, pair_of;  // pair_of: -1 unless leader
+};
+
+// The CPU kernel's way: sort by (label, key, index), pair neighbours.
+Pairing by_sorting(const std::vector<int32_t>& labels, const std::vector<int64_t>& keys) {
+  const int64_t n = static_cast<int64_t>(labels.size());
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return ipsd::sample_before(labels[a], keys[a], a, labels[b], keys[b], b);
+  });
+  Pairing p{std::vector<int64_t>(n, -1), std::vector<int64_t>(n), std::vector<int64_t>(n, -1)};
+  int64_t pairs = 0;
+  for (int64_t begin = 0; begin < n;) {
+    int64_t end = begin + 1;
+    while (end < n && labels[order[end]] == labels[order[begin]]) {
+      ++end;
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      p.position[order[r]] = r;
+    }
+    for (int64_t r = begin; r + 1 < end; r += 2) {
+      p.partner[order[r]] = order[r + 1];
+      p.partner[order[r + 1]] = order[r];
+      p.pair_of[order[r]] = pairs++;
+    }
+    begin = end;
+  }
+  return p;
+}
+
+// The CUDA kernels' way: each sample scans the batch; a leader numbers its
+// pair by counting the leaders at earlier positions.
+Pairing by_counting(const std::vector<int32_t>& labels, const std::vector<int64_t>& keys,
+                    std::mt19937_64& rng) {
+  const int64_t n = static_cast<int64_t>(labels.size());
+  Pairing p{std::vector<int64_t>(n), std::vector<int64_t>(n), std::vector<int64_t>(n, -1)};
+  std::vector<uint8_t> leads_at(n, 0);
+  std::vector<int64_t> visit(n);
+  std::iota(visit.begin(), visit.end(), int64_t{0});
+  for (int64_t i = 0; i < n; ++i) {
+    // The kernel's tiles visit the batch in index order; any order must do.
+    std::shuffle(visit.begin(), visit.end(), rng);
+    ipsd::SampleScan<int32_t> scan(labels[i], keys[i], i);
+    for (int64_t j : visit) {
+      scan.visit(labels[j], keys[j], j);
+    }
+    p.partner[i] = scan.partner();
+    p.position[i] = scan.position();
+    leads_at[scan.position()] = scan.leads();
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (leads_at[p.position[i]]) {
+      p.pair_of[i] = std::accumulate(leads_at.begin(), leads_at.begin() + p.position[i], int64_t{0});
+    }
+  }
+  return p;
+}
+
+// The CPU kernel's way: nth_element over the pair's cell orders.
+std::vector<bool> cells_by_selection(uint32_t seed, int64_t cells, int64_t k) {
+  std::vector<bool> chosen(cells, k >= cells);
+  if (k <= 0 || k >= cells) {
+    return chosen;
+  }
+  std::vector<uint64_t> order(cells);
+  for (int64_t c = 0; c < cells; ++c) {
+    order[c] = ipsd::cell_order(seed, c);
+  }
+  std::vector<uint64_t> selected = order;
+  std::nth_element(selected.begin(), selected.begin() + (k - 1), selected.end());
+  for (int64_t c = 0; c < cells; ++c) {
+    chosen[c] = order[c] <= selected[k - 1];
+  }
+  return chosen;
+}
+
+// The CUDA kernel's way: a cell is chosen when fewer than k cells come first;
+// 32 lanes count a strided share each.
+std::vector<bool> cells_by_rank(uint32_t seed, int64_t cells, int64_t k) {
+  std::vector<bool> chosen(cells);
+  for (int64_t c = 0; c < cells; ++c) {
+    const uint64_t mine = ipsd::cell_order(seed, c);
+    int ahead = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int64_t other = lane; other < cells; other += 32) {
+        ahead += ipsd::cell_order(seed, other) < mine;
+      }
+    }
+    chosen[c] = ahead < k;
+  }
+  return chosen;
+}
+
+int fail(const char* what, int c) {
+  std::printf("case %d: %s differ\n", c, what);
+  return 1;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "mix") == 0) {
+    for (int a = 2; a < argc; ++a) {
+      std::printf("%u\n", ipsd::mix31(static_cast<uint32_t>(std::strtoul(argv[a], nullptr, 10))));
+    }
+    return 0;
+  }
+  const int cases = argc > 1 ? std::atoi(argv[1]) : 1000;
+  std::mt19937_64 rng(argc > 2 ? std::atoll(argv[2]) : 0);
+  auto draw = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  for (int c = 0; c < cases; ++c) {
+    const int64_t n = draw(0, 70);
+    const int64_t classes = draw(1, std::max<int64_t>(1, n));
+    // Few distinct keys make ties, which the index must break.
+    const int64_t key_range = draw(0, 1) ? 3 : (int64_t{1} << 62) - 1;
+    std::vector<int32_t> labels(n);
+    std::vector<int64_t> keys(n);
+    for (int64_t i = 0; i < n; ++i) {
+      labels[i] = static_cast<int32_t>(draw(-2, classes - 3));
+      keys[i] = draw(0, key_range);
+    }
+    const Pairing want = by_sorting(labels, keys);
+    const Pairing got = by_counting(labels, keys, rng);
+    if (got.partner != want.partner) {
+      return fail("partners", c);
+    }
+    if (got.position != want.position) {
+      return fail("positions", c);
+    }
+    if (got.pair_of != want.pair_of) {
+      return fail("pair numbers", c);
+    }
+    const int64_t cells = draw(0, 1) ? draw(0, 12) : draw(13, 300);
+    const int64_t k = draw(-1, cells + 1);
+    const uint32_t seed = static_cast<uint32_t>(draw(0, ipsd::kHalfMask));
+    const std::vector<bool> chosen = cells_by_rank(seed, cells, k);
+    if (chosen != cells_by_selection(seed, cells, k)) {
+      return fail("chosen cells", c);
+    }
+    if (std::count(chosen.begin(), chosen.end(), true) != std::clamp<int64_t>(k, 0, cells)) {
+      return fail("cell counts", c);
+    }
+  }
+  std::printf("ok %d batches\n", cases);
+  return 0;
+}

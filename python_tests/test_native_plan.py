@@ -1,0 +1,297 @@
+"""The native plan against the fallback's, bit for bit, its distribution, and the
+sync-free CUDA path (graph capture, launches, the deferred halves check)."""
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ipsd_cuda
+from conftest import DEVICES, HAS_CUDA, kernel_available, random_bits, same_bits
+from ipsd_cuda import plan as plan_module
+from ipsd_cuda._fallback import make_plan_torch
+from ipsd_cuda._ops import make_plan_kernel
+
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+
+def needs_kernel(device):
+    if not kernel_available(device):
+        pytest.skip(f"no {device} kernel built")
+
+
+@st.composite
+def plan_inputs(draw):
+    n = draw(st.integers(0, 300))
+    halves = draw(st.booleans()) and n % 2 == 0
+    grid = draw(
+        st.one_of(
+            st.tuples(st.integers(0, 9), st.integers(0, 9)),
+            st.sampled_from([(1, 1), (8, 8), (64, 64), (1, 4096), (17, 3)]),
+        )
+    )
+    return dict(
+        n=n,
+        classes=draw(st.integers(1, max(1, n))),
+        halves=halves,
+        # Mostly matching halves, sometimes not: mismatched pairs stay unpaired.
+        mismatches=draw(st.integers(0, 2)) if halves else 0,
+        grid=grid,
+        k=draw(st.integers(0, grid[0] * grid[1] + 1)),
+        per_pair_k=draw(st.booleans()),
+        p=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        # A tiny key range makes ties, which the sample index must break.
+        key_range=draw(st.sampled_from([2, 2**62])),
+        seed=draw(st.integers(0, 2**63 - 1)),
+        label_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=plan_inputs())
+def test_native_plan_equals_fallback_on_any_keys(device, case):
+    """Same keys, same plan, including ties in the keys and mismatched halves."""
+    needs_kernel(device)
+    g = torch.Generator().manual_seed(case["seed"])
+    n, pairs = case["n"], case["n"] // 2
+    labels = torch.randint(0, case["classes"], (n,), generator=g, dtype=case["label_dtype"])
+    if case["halves"]:
+        labels[pairs:] = labels[:pairs]
+        if pairs:
+            labels[torch.randint(0, pairs, (case["mismatches"],), generator=g) + pairs] += 1
+    keys = torch.randint(0, case["key_range"], (n + pairs,), generator=g)
+    cells = case["grid"][0] * case["grid"][1]
+    pair_k = torch.randint(-1, cells + 2, (pairs,), generator=g) if case["per_pair_k"] else None
+    threshold = int(case["p"] * 2**31)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (labels, keys, pair_k)]
+    got = make_plan_kernel(*args, case["k"], threshold, case["grid"], case["halves"])
+    want = make_plan_torch(*args, case["k"], threshold, case["grid"], case["halves"])
+    for a, b, name in zip(got, want, ("partner", "mask", "error")):
+        assert a.device == labels.to(device).device and torch.equal(a.cpu(), b.cpu()), name
+    partner, mask, error = (t.cpu() for t in got)
+    if case["halves"]:
+        differ = (labels[:pairs] != labels[pairs:]).nonzero()
+        assert int(error) == (int(differ[0, 0]) if differ.numel() else -1)
+        assert (partner[labels != labels.roll(pairs)] == -1).all()
+
+
+@st.composite
+def plan_arguments(draw):
+    return dict(
+        n=draw(st.integers(0, 200)),
+        classes=draw(st.integers(1, 20)),
+        grid=draw(st.sampled_from([(1, 1), (2, 3), (8, 8), (7, 5), (64, 64)])),
+        swap_ratio=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])),
+        alpha=draw(st.sampled_from([None, 0.2, 1.0, 5.0])),
+        p=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        pairing=draw(st.sampled_from(["random", "halves"])),
+        seed=draw(st.integers(0, 2**63 - 1)),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=plan_arguments())
+def test_make_plan_and_swap_agree_across_backends(device, case):
+    """make_plan and swap, same generator state: same plan and bits on every backend."""
+    needs_kernel(device)
+    g = torch.Generator().manual_seed(case["seed"])
+    n = case["n"] - case["n"] % 2 if case["pairing"] == "halves" else case["n"]
+    labels = torch.randint(0, case["classes"], (n,), generator=g)
+    if case["pairing"] == "halves":
+        labels[n // 2 :] = labels[: n // 2]
+    labels = labels.to(device)
+    kwargs = {key: case[key] for key in ("swap_ratio", "alpha", "p", "pairing")}
+    gh, gw = case["grid"]
+    patch = (1, 1) if gh * gw > 100 else (2, 3)
+    images = random_bits((n, 2, gh * patch[0], gw * patch[1]), torch.float32, generator=g, device=device)
+    results = []
+    for backend in ("kernel", "torch"):
+        plan = ipsd_cuda.make_plan(
+            labels, case["grid"], **kwargs, backend=backend,
+            generator=torch.Generator(device=device).manual_seed(case["seed"]),
+        )
+        x = images.clone()
+        applied = ipsd_cuda.swap(
+            x, labels, patch_size=patch, **kwargs, backend=backend,
+            generator=torch.Generator(device=device).manual_seed(case["seed"]),
+        )
+        assert torch.equal(plan.partner, applied.partner) and torch.equal(plan.mask, applied.mask)
+        results.append((plan, x))
+    (a, xa), (b, xb) = results
+    assert torch.equal(a.partner, b.partner) and torch.equal(a.mask, b.mask)
+    assert same_bits(xa, xb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_same_seed_same_plan_different_seed_different_plan(device, backend):
+    needs_kernel(device)
+    labels = torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def plan(seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        return ipsd_cuda.make_plan(labels, (8, 8), alpha=1.0, generator=g, backend=backend)
+
+    a, b, c = plan(1), plan(1), plan(2)
+    assert torch.equal(a.partner, b.partner) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.partner, c.partner) and not torch.equal(a.mask, c.mask)
+
+
+def chi_square_bound(dof, z=4.75):
+    """The chi-square value exceeded with probability ~1e-6 (Wilson-Hilferty)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def chi_square(counts, expected):
+    return sum((c - expected) ** 2 / expected for c in counts)
+
+
+BACKENDS = ["kernel", "torch"] if kernel_available("cpu") else ["torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grid, swap_ratio", [((2, 3), 0.5), ((1, 5), 0.4), ((2, 2), 0.25)])
+def test_every_k_subset_is_equally_likely(backend, grid, swap_ratio):
+    pairs = 20000
+    labels = torch.zeros(2 * pairs, dtype=torch.int64)
+    g = torch.Generator().manual_seed(11)
+    plan = ipsd_cuda.make_plan(labels, grid, swap_ratio=swap_ratio, p=1.0, generator=g, backend=backend)
+    leaders = plan.partner > torch.arange(2 * pairs)
+    subsets = Counter(tuple(row) for row in plan.mask[leaders].flatten(1).tolist())
+    cells = grid[0] * grid[1]
+    k = round(swap_ratio * cells)
+    assert all(sum(s) == k for s in subsets)
+    assert len(subsets) == math.comb(cells, k)
+    expected = pairs / math.comb(cells, k)
+    assert chi_square(subsets.values(), expected) < chi_square_bound(len(subsets) - 1), subsets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_in_class_matching_is_equally_likely(backend):
+    """Classes of 4 have 3 matchings; classes of 3 leave each member out alike."""
+    classes = 6000
+    sizes = torch.tensor([4, 3]).repeat(classes // 2)
+    labels = torch.arange(classes).repeat_interleave(sizes)
+    g = torch.Generator().manual_seed(12)
+    partner = ipsd_cuda.make_plan(labels, (2, 2), generator=g, backend=backend).partner
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+    of_four = Counter(int(partner[s]) - int(s) for s in starts[sizes == 4])
+    left_out = Counter(int((partner[s : s + 3] < 0).nonzero()[0, 0]) for s in starts[sizes == 3].tolist())
+    for counts, options in ((of_four, {1, 2, 3}), (left_out, {0, 1, 2})):
+        assert set(counts) == options
+        assert chi_square(counts.values(), (classes // 2) / 3) < chi_square_bound(2), counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_activity_follows_p(backend, p):
+    pairs = 20000
+    plan = ipsd_cuda.make_plan(
+        torch.zeros(2 * pairs, dtype=torch.int64), (4, 4), p=p,
+        generator=torch.Generator().manual_seed(13), backend=backend,
+    )
+    active = int(plan.mask.flatten(1).any(dim=1).sum()) // 2
+    assert abs(active - p * pairs) <= 5 * math.sqrt(pairs * p * (1 - p)), active
+
+
+@CUDA_ONLY
+def test_cuda_plan_with_more_than_65535_samples():
+    needs_kernel("cuda")
+    n = 70001
+    labels = torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(0)).cuda()
+    x = random_bits((n, 1, 4, 6), torch.uint8, generator=torch.Generator().manual_seed(1), device="cuda")
+    results = []
+    for backend in ("kernel", "torch"):
+        g = torch.Generator(device="cuda").manual_seed(5)
+        y = x.clone()
+        plan = ipsd_cuda.swap(y, labels, patch_size=2, p=1.0, generator=g, backend=backend)
+        results.append((plan, y))
+    (a, ya), (b, yb) = results
+    assert torch.equal(a.partner, b.partner) and torch.equal(a.mask, b.mask) and same_bits(ya, yb)
+    assert int((a.partner >= 0).sum()) > n - 8
+
+
+@CUDA_ONLY
+def test_swap_replays_in_a_cuda_graph():
+    """Captured on static tensors, a replay gives the bytes of the eager call
+    from the same generator state."""
+    needs_kernel("cuda")
+    g = torch.Generator().manual_seed(0)
+    source = random_bits((64, 3, 32, 32), torch.float32, generator=g, device="cuda")
+    labels = torch.randint(0, 10, (64,), generator=g).cuda()
+    static = source.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        ipsd_cuda.swap(source.clone(), labels, patch_size=4)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ipsd_cuda.swap(static, labels, patch_size=4)
+    for seed in (1, 2):
+        eager = source.clone()
+        torch.cuda.manual_seed(seed)
+        plan = ipsd_cuda.swap(eager, labels, patch_size=4)
+        static.copy_(source)
+        torch.cuda.manual_seed(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.partner, plan.partner) and torch.equal(captured.mask, plan.mask)
+        assert same_bits(static, eager)
+        assert plan.mask.any()
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("pairing", ["random", "halves"])
+def test_swap_on_cuda_is_three_launches(pairing):
+    """One draw of keys, the pairing kernel, the cells-and-apply kernel."""
+    needs_kernel("cuda")
+    x = torch.rand(256, 3, 32, 32, device="cuda")
+    labels = torch.arange(128, device="cuda").repeat(2)
+    ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    assert len(kernels) <= 3, kernels
+
+
+@CUDA_ONLY
+def test_cuda_halves_mismatch_is_reported_by_the_next_call():
+    needs_kernel("cuda")
+    labels = torch.tensor([0, 1, 2, 0, 1, 3], device="cuda")
+    x = torch.rand(6, 1, 4, 4, device="cuda")
+    plan = ipsd_cuda.swap(x, labels, patch_size=2, pairing="halves", p=1.0)
+    assert plan.partner.tolist() == [3, 4, -1, 0, 1, -1], "the mismatched pair stays unpaired"
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"labels\[2\] != labels\[5\]"):
+        ipsd_cuda.make_plan(labels[:2], (2, 2))
+    ipsd_cuda.make_plan(labels[:2], (2, 2))  # reported once
+
+
+def test_deferred_check_is_only_for_cuda_halves():
+    before = list(plan_module._unchecked)
+    ipsd_cuda.make_plan(torch.tensor([0, 1, 0, 1]), (2, 2), pairing="halves")
+    assert plan_module._unchecked == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_ops_opcheck(device):
+    needs_kernel(device)
+    g = torch.Generator().manual_seed(0)
+    for n, halves, grid, with_k in ((6, False, (3, 4), False), (8, True, (2, 2), True), (1, False, (1, 3), False)):
+        labels = torch.randint(0, 2, (n,), generator=g).to(device)
+        if halves:
+            labels[n // 2 :] = labels[: n // 2]
+        keys = torch.randint(0, 2**62, (n + n // 2,), generator=g).to(device)
+        pair_k = torch.randint(0, 4, (n // 2,), generator=g).to(device) if with_k else None
+        torch.library.opcheck(torch.ops.ipsd_cuda.make_plan.default,
+                              (labels, keys, pair_k, 2, 2**30, *grid, halves))
+        x = random_bits((n, 3, grid[0] * 2, grid[1] * 2), torch.float32, generator=g, device=device)
+        torch.library.opcheck(torch.ops.ipsd_cuda.swap_.default,
+                              (x, labels, keys, pair_k, 2, 2**30, 2, 2, halves))
