@@ -4,7 +4,8 @@ Each group is one input (device, batch shape, patch size, dtype, layout) and
 times, on that same input:
 
 - ``copy``: ``dst.copy_(src)`` of the batch, the machine's bandwidth reference;
-- ``plan``: ``make_plan`` alone (pairing and cell choice, no data moved);
+- ``plan:kernel`` / ``plan:torch``: ``make_plan`` alone (keys, pairing and
+  cell choice, no data moved), native and fallback;
 - ``apply:kernel`` / ``apply:torch``: applying a fixed plan, the pure data
   movement, with the C++/CUDA kernel and with the PyTorch fallback;
 - ``apply_plan:kernel``: the public ``apply_plan``, which also validates the
@@ -143,9 +144,14 @@ def _copy(case, images, labels, plan):
     return lambda: dst.copy_(images)
 
 
-def _plan(case, images, labels, plan):
-    grid = ipsd_cuda.grid_for(images, case.patch_size)
-    return lambda: ipsd_cuda.make_plan(labels, grid, swap_ratio=SWAP_RATIO, p=P)
+def _plan(backend):
+    def make(case, images, labels, plan):
+        if backend == "kernel":
+            _need_kernel(case)
+        grid = ipsd_cuda.grid_for(images, case.patch_size)
+        return lambda: ipsd_cuda.make_plan(labels, grid, swap_ratio=SWAP_RATIO, p=P, backend=backend)
+
+    return make
 
 
 def _apply_kernel(case, images, labels, plan):
@@ -208,7 +214,8 @@ class Impl:
 
 IMPLS = {
     "copy": Impl("reference", _copy),
-    "plan": Impl("plan", _plan),
+    "plan:kernel": Impl("plan", _plan("kernel")),
+    "plan:torch": Impl("plan", _plan("torch")),
     "apply:kernel": Impl("apply", _apply_kernel),
     "apply:torch": Impl("apply", _apply_torch),
     "apply_plan:kernel": Impl("apply", _apply_plan_checked),

@@ -14,14 +14,16 @@
 //                        costs O(N) random numbers, not O(N * cells).
 // Pairs are numbered by the sorted position of their first member.
 //
-// The CPU kernel sorts and selects (std::sort, std::nth_element); the CUDA
-// kernel counts ranks, one thread per sample and one warp per cell. Both use
-// the orders defined here, which are total (ties go to the lower index), so
-// the results agree; python_tests/cell_math_check.cpp checks the counting
-// forms against the sorting forms on the host.
+// The CPU kernel sorts the samples and selects cells with a histogram
+// (CellChooser); the CUDA kernel counts ranks, one thread per sample and one
+// warp per cell. Both use the orders defined here, which are total (ties go
+// to the lower index), so the results agree; python_tests/plan_math_check.cpp
+// checks every form against plain sorting on the host.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "swap_common.h"
 
@@ -64,6 +66,54 @@ IPSD_HOST_DEVICE uint64_t cell_order(uint32_t seed, int64_t cell) {
       mix31((seed + static_cast<uint32_t>(cell) * kCellStep) & kHalfMask);
   return (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(cell);
 }
+
+// The CPU kernel's way to choose the k first cells of a pair: a histogram of
+// the keys' top bits finds the bucket of the k-th key in one pass, and only
+// that bucket's few keys are sorted (expected O(cells), where selecting from
+// cell_order values costs several times more). The 31-bit keys of a pair are
+// distinct, so the k smallest keys are exactly the k first cells.
+class CellChooser {
+ public:
+  // Sets chosen[c] to whether c is among the k (0 < k < cells) first cells
+  // of the pair seeded by `seed`.
+  void choose(uint32_t seed, int64_t cells, int64_t k, bool* chosen) {
+    int bits = 0;
+    while (bits < 16 && (int64_t{1} << bits) < cells) {
+      ++bits;
+    }
+    const int shift = kHalfBits - bits;
+    keys_.resize(cells);
+    count_.assign(size_t{1} << bits, 0);
+    for (int64_t c = 0; c < cells; ++c) {
+      keys_[c] = static_cast<uint32_t>(cell_order(seed, c) >> 32);
+      ++count_[keys_[c] >> shift];
+    }
+    uint32_t bucket = 0;
+    int64_t before = 0;
+    while (before + count_[bucket] < k) {
+      before += count_[bucket++];
+    }
+    boundary_.clear();
+    for (int64_t c = 0; c < cells; ++c) {
+      const uint32_t b = keys_[c] >> shift;
+      // Unpredictable half the time: a store, not a branch.
+      chosen[c] = b < bucket;
+      if (b == bucket) {
+        boundary_.push_back((static_cast<uint64_t>(keys_[c]) << 32) | static_cast<uint32_t>(c));
+      }
+    }
+    const auto take = boundary_.begin() + (k - before);
+    std::nth_element(boundary_.begin(), take - 1, boundary_.end());
+    for (auto it = boundary_.begin(); it != take; ++it) {
+      chosen[static_cast<uint32_t>(*it)] = true;
+    }
+  }
+
+ private:
+  std::vector<uint32_t> keys_;
+  std::vector<int64_t> count_;
+  std::vector<uint64_t> boundary_;
+};
 
 // Whether sample a comes before sample b in the "random" pairing order.
 template <typename label_t>

@@ -1,6 +1,7 @@
 // Host check of csrc/plan_common.h: the counting forms the CUDA kernels use
 // (SampleScan fed one sample at a time; a cell's rank counted over the
-// pair's cells) give the same plan as sorting (what the CPU kernel does):
+// pair's cells) and the CPU kernel's (sorting the samples; CellChooser's
+// histogram) give the same plan as plain sorting:
 // the same partners, positions, leaders, pair numbers and chosen cells, with
 // ties in the keys included. Compiled and run by test_cell_math.py, so
 // machines without a GPU test the GPU's decision logic.
@@ -79,7 +80,7 @@ Pairing by_counting(const std::vector<int32_t>& labels, const std::vector<int64_
   return p;
 }
 
-// The CPU kernel's way: nth_element over the pair's cell orders.
+// By definition: nth_element over the pair's cell orders.
 std::vector<bool> cells_by_selection(uint32_t seed, int64_t cells, int64_t k) {
   std::vector<bool> chosen(cells, k >= cells);
   if (k <= 0 || k >= cells) {
@@ -95,6 +96,18 @@ std::vector<bool> cells_by_selection(uint32_t seed, int64_t cells, int64_t k) {
     chosen[c] = order[c] <= selected[k - 1];
   }
   return chosen;
+}
+
+// The CPU kernel's way.
+std::vector<bool> cells_by_histogram(uint32_t seed, int64_t cells, int64_t k) {
+  if (k <= 0 || k >= cells) {
+    return std::vector<bool>(cells, k >= cells);
+  }
+  bool* chosen = new bool[cells]();
+  ipsd::CellChooser().choose(seed, cells, k, chosen);
+  std::vector<bool> out(chosen, chosen + cells);
+  delete[] chosen;
+  return out;
 }
 
 // The CUDA kernel's way: a cell is chosen when fewer than k cells come first;
@@ -158,12 +171,23 @@ int main(int argc, char** argv) {
     const int64_t cells = draw(0, 1) ? draw(0, 12) : draw(13, 300);
     const int64_t k = draw(-1, cells + 1);
     const uint32_t seed = static_cast<uint32_t>(draw(0, ipsd::kHalfMask));
-    const std::vector<bool> chosen = cells_by_rank(seed, cells, k);
-    if (chosen != cells_by_selection(seed, cells, k)) {
-      return fail("chosen cells", c);
+    const std::vector<bool> chosen = cells_by_selection(seed, cells, k);
+    if (cells_by_rank(seed, cells, k) != chosen) {
+      return fail("chosen cells (counting)", c);
+    }
+    if (cells_by_histogram(seed, cells, k) != chosen) {
+      return fail("chosen cells (histogram)", c);
     }
     if (std::count(chosen.begin(), chosen.end(), true) != std::clamp<int64_t>(k, 0, cells)) {
       return fail("cell counts", c);
+    }
+    // Large grids, where the histogram's buckets hold many keys: no counting.
+    if (c % 50 == 0) {
+      const int64_t big = draw(60000, 140000);
+      const int64_t big_k = draw(1, big - 1);
+      if (cells_by_histogram(seed, big, big_k) != cells_by_selection(seed, big, big_k)) {
+        return fail("chosen cells (histogram, large grid)", c);
+      }
     }
   }
   std::printf("ok %d batches\n", cases);

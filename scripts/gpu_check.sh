@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and no network: builds the
 # extension for the visible GPU, runs the whole test suite (CUDA cases
-# included), compute-sanitizer memcheck and initcheck on small swaps, and the
-# CUDA benchmarks. At most 8 files go to $REPORT_DIR (default
-# runs/gpu-check): build.log, tests.log, sanitizer.log, bench.log,
-# bench-cuda.json, bench-cuda.png, report.txt and, with GPU_COMPARE,
-# compare-metrics.json. The report is printed last.
+# included), compute-sanitizer memcheck and initcheck on small swaps, the
+# CUDA benchmarks and the per-call timings of bench/cuda_timing.py. At most
+# 8 files go to $REPORT_DIR (default runs/gpu-check): build.log, tests.log,
+# sanitizer.log, bench.log, bench-cuda.json, bench-cuda.png, report.txt and,
+# with GPU_COMPARE, compare-metrics.json. The report is printed last.
 #
 #   make gpu-check                                          # the checks (a few minutes)
 #   GPU_COMPARE="--epochs 30 --seeds 0 1 2" make gpu-check  # and the reference comparison
@@ -64,6 +64,9 @@ fi
 step bench "$DIR/bench.log" $PY -m pytest bench -q -p no:cacheprovider -m cuda \
   --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
 $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
+# Per-call times over many calls (no sync inside), graph replay, launches.
+step timing "$DIR/bench.log" $PY bench/cuda_timing.py
+sed -n '/^| input/,$p' "$DIR/bench.log" >>"$REPORT"
 if [ -n "${GPU_COMPARE:-}" ]; then
   # shellcheck disable=SC2086
   step compare "$REPORT" $PY -m ipsd_cuda.train --data fashion-mnist \

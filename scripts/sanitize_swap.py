@@ -1,8 +1,13 @@
-"""Small CUDA swaps for compute-sanitizer: every unit width, partial cells, both layouts.
+"""Small CUDA swaps for compute-sanitizer: every unit width, partial cells, both layouts,
+and every path of the plan kernels.
 
 Each case is checked against the PyTorch fallback, so a run under
-``compute-sanitizer --tool memcheck`` proves both that no access strays and
-that the results are right. Exits non-zero on any mismatch.
+``compute-sanitizer --tool memcheck`` (or initcheck) proves both that no
+access strays and that the results are right: ``apply_plan`` with every unit
+width, then the whole ``swap`` (the plan kernels, fused with the exchange)
+over both pairings, per-pair cell counts, mismatched halves, batches larger
+than one block of the pairing kernel and an empty image. Exits non-zero on
+any mismatch.
 """
 
 import sys
@@ -10,6 +15,9 @@ import sys
 import torch
 
 import ipsd_cuda
+from ipsd_cuda import _ops
+from ipsd_cuda._fallback import apply_plan_torch, make_plan_torch
+from ipsd_cuda.plan import draw_keys, patch_pair
 
 if not ipsd_cuda.backends()["cuda"]:
     sys.exit("sanitize_swap: the CUDA kernel is not built")
@@ -29,7 +37,27 @@ CASES = [
     ((4, 5, 6, 6), torch.int64, False, (1, 6), 0),
 ]
 
+# (N, labels' classes, dtype of labels, image (C, H, W), patch, plan arguments)
+SWAPS = [
+    (6, 2, torch.int64, (3, 8, 8), 4, dict(p=1.0)),
+    (7, 3, torch.int32, (3, 13, 11), (3, 5), dict(alpha=1.0)),
+    (600, 5, torch.int64, (1, 6, 6), 2, dict(p=0.5)),
+    (8, 2, torch.int64, (2, 9, 9), 3, dict(pairing="halves", p=1.0)),
+    (5, 2, torch.int64, (1, 64, 64), 1, dict(p=1.0)),
+    (4, 1, torch.int64, (0, 8, 8), 4, dict(p=1.0)),
+    # Mismatched halves: those pairs stay unpaired, the error names the first.
+    (8, 4, torch.int32, (2, 9, 9), 3, dict(pairing="halves", swap_ratio=0.2)),
+]
+
 failures = 0
+
+
+def report(ok, what):
+    global failures
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {what}")
+
+
 for shape, dtype, channels_last, patch, offset in CASES:
     g = torch.Generator(device="cuda").manual_seed(0)
     numel = torch.Size(shape).numel()
@@ -44,7 +72,26 @@ for shape, dtype, channels_last, patch, offset in CASES:
     ipsd_cuda.apply_plan(expected, plan, patch_size=patch, backend="torch")
     ipsd_cuda.apply_plan(x, plan, patch_size=patch, backend="kernel")
     torch.cuda.synchronize()
-    ok = torch.equal(x, expected)
-    failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {tuple(shape)} {dtype} channels_last={channels_last} patch={patch} offset={offset}")
+    report(torch.equal(x, expected), f"apply {tuple(shape)} {dtype} channels_last={channels_last} patch={patch} offset={offset}")
+
+for n, classes, label_dtype, image, patch, kwargs in SWAPS:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    labels = torch.randint(0, classes, (n,), device="cuda", generator=g, dtype=label_dtype)
+    if kwargs.get("pairing") == "halves" and classes == 2:
+        labels[n // 2 :] = labels[: n // 2]
+    x = torch.randint(0, 256, (n, *image), device="cuda", generator=g, dtype=torch.uint8)
+    grid = ipsd_cuda.grid_for(x, patch)
+    ph, pw = patch_pair(patch)
+    arguments = dict(swap_ratio=0.5, alpha=None, p=0.5, pairing="random") | kwargs
+    # The op layer directly: a swap would raise for the mismatched halves of
+    # the last case on the next call, before comparing.
+    draw = draw_keys(labels, grid[0] * grid[1], **arguments, generator=g)
+    y = x.clone()
+    got = _ops.swap_kernel(y, labels, draw.keys, draw.pair_k, draw.k, draw.threshold, ph, pw, draw.halves)
+    want = make_plan_torch(labels, draw.keys, draw.pair_k, draw.k, draw.threshold, grid, draw.halves)
+    expected = x.clone()
+    apply_plan_torch(expected, want[0], want[1], ph, pw)
+    torch.cuda.synchronize()
+    same = all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(y, expected)
+    report(same, f"swap N={n} labels {label_dtype} image {image} patch={patch} {kwargs}")
 sys.exit(1 if failures else 0)

@@ -25,6 +25,52 @@ void swap_run(unit_t* __restrict__ a, unit_t* __restrict__ b, int64_t len) {
   }
 }
 
+// Exchange, between two rows, the units where `select` is all ones: a full
+// pass over the row, but one that vectorises, which beats run-by-run swaps
+// when the runs are only a few bytes long.
+template <typename unit_t>
+void swap_selected(
+    unit_t* __restrict__ a,
+    unit_t* __restrict__ b,
+    const unit_t* __restrict__ select,
+    int64_t len) {
+  for (int64_t k = 0; k < len; ++k) {
+    const unit_t x = a[k];
+    const unit_t y = b[k];
+    const unit_t m = select[k];
+    a[k] = (x & ~m) | (y & m);
+    b[k] = (y & ~m) | (x & m);
+  }
+}
+
+// Cells narrower than this many bytes are swapped by selection, wider ones
+// run by run: at 4-pixel cells of 32x32 images, selection over whole planes
+// costs about one copy of the batch, run-by-run swaps several.
+constexpr int64_t kSelectBelowBytes = 32;
+
+// Fills `select` (one plane of the sample: rows x row_units) with all ones in
+// the units of the sample's masked cells, zeros elsewhere. Every plane of a
+// sample has the same cells, so one pattern serves them all.
+template <typename unit_t>
+void select_cells(const SwapLayout& l, const bool* sample_mask, std::vector<unit_t>* select) {
+  select->resize(l.rows * l.row_units);
+  const int64_t grid_h = l.cells / l.grid_w;
+  for (int64_t grid_row = 0; grid_row < grid_h; ++grid_row) {
+    const CellBox band = cell_span(l, grid_row, 0, l.grid_w);
+    unit_t* first_row = select->data() + band.row0 * l.row_units;
+    for (int64_t col = 0; col < l.grid_w; ++col) {
+      const CellBox cell = cell_span(l, grid_row, col, col + 1);
+      std::fill_n(
+          first_row + cell.unit0,
+          cell.unit_count,
+          sample_mask[grid_row * l.grid_w + col] ? static_cast<unit_t>(~unit_t{0}) : unit_t{0});
+    }
+    for (int64_t row = 1; row < band.row_count; ++row) {
+      std::copy_n(first_row, l.row_units, first_row + row * l.row_units);
+    }
+  }
+}
+
 template <typename unit_t>
 void swap_cells(
     unit_t* data,
@@ -34,32 +80,50 @@ void swap_cells(
     const SwapLayout& l) {
   // Listing the pairs first gives every task whole pairs to move, whatever
   // the pairing: with pairing="halves" all lower members sit in the first
-  // half, and a split over samples would idle half the threads.
+  // half, and a split over samples would idle half the threads. Pairs that
+  // exchange nothing (inactive ones) are left out.
   std::vector<int64_t> leaders;
   for (int64_t i = 0; i < n; ++i) {
-    if (leads_pair(partner, n, i)) {
+    const bool* m = mask + i * l.cells;
+    if (leads_pair(partner, n, i) && std::any_of(m, m + l.cells, [](bool v) { return v; })) {
       leaders.push_back(i);
     }
   }
   const int64_t sample = l.sample_units();
+  const int64_t pairs = static_cast<int64_t>(leaders.size());
+  const int64_t unit_bytes = sizeof(unit_t);
+  if (l.cell_units * unit_bytes < kSelectBelowBytes) {
+    // A task moves at least ~64 KiB.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (2 * sample * unit_bytes));
+    const int64_t plane = l.rows * l.row_units;
+    at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+      std::vector<unit_t> select;
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t i = leaders[s];
+        select_cells(l, mask + i * l.cells, &select);
+        unit_t* a = data + i * sample;
+        unit_t* b = data + partner[i] * sample;
+        for (int64_t p = 0; p < l.planes; ++p) {
+          swap_selected(a + p * plane, b + p * plane, select.data(), plane);
+        }
+      }
+    });
+    return;
+  }
   const int64_t grid_h = l.cells / l.grid_w;
   // A task item is one grid row of one pair; a task moves at least ~64 KiB
   // when its cells are swapped.
   const int64_t band_bytes = std::max<int64_t>(
-      1,
-      l.planes * std::min(l.cell_rows, l.rows) * l.row_units *
-          int64_t{sizeof(unit_t)});
+      1, l.planes * std::min(l.cell_rows, l.rows) * l.row_units * unit_bytes);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / band_bytes);
-  const int64_t items = static_cast<int64_t>(leaders.size()) * grid_h;
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pairs * grid_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = leaders[item / grid_h];
       const int64_t grid_row = item % grid_h;
       const bool* row_mask = mask + i * l.cells + grid_row * l.grid_w;
       unit_t* a = data + i * sample;
       unit_t* b = data + partner[i] * sample;
-      // Adjacent masked cells are one run per image row: fewer, longer swaps
-      // where cells are only a few bytes wide.
+      // Adjacent masked cells are one run per image row: fewer, longer swaps.
       for (int64_t col = 0; col < l.grid_w;) {
         if (!row_mask[col]) {
           ++col;
@@ -144,8 +208,7 @@ void choose_cells(
   const int64_t grain = std::max<int64_t>(1, 16384 / cells);
   const int64_t pairs = static_cast<int64_t>(leaders.size());
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> order(cells);
-    std::vector<uint64_t> selected(cells);
+    CellChooser chooser;
     for (int64_t s = begin; s < end; ++s) {
       const int64_t i = leaders[s];
       const int64_t key = a.keys[a.n + s];
@@ -160,19 +223,8 @@ void choose_cells(
         std::fill(mj, mj + cells, true);
         continue;
       }
-      const uint32_t seed = pair_seed(key);
-      for (int64_t c = 0; c < cells; ++c) {
-        order[c] = cell_order(seed, c);
-      }
-      selected = order;
-      std::nth_element(selected.begin(), selected.begin() + (k - 1), selected.end());
-      const uint64_t last = selected[k - 1];
-      for (int64_t c = 0; c < cells; ++c) {
-        if (order[c] <= last) {
-          mi[c] = true;
-          mj[c] = true;
-        }
-      }
+      chooser.choose(pair_seed(key), cells, k, mi);
+      std::copy(mi, mi + cells, mj);
     }
   });
 }
