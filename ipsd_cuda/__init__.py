@@ -29,4 +29,4 @@ __all__ = [
     "make_plan",
     "swap",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
