@@ -1,8 +1,10 @@
-"""The reference training loop, its data sources and metrics, on small synthetic data."""
+"""The reference experiments (training loop, data, metrics, batch pipelines, regime study) on small synthetic data."""
 
+import ast
 import gzip
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ipsd_cuda import datasets, train
-from ipsd_cuda.metrics import classification_metrics, expected_calibration_error
+import ipsd_cuda
+from ipsd_cuda.reference import batches, datasets, plots, regimes, train
+from ipsd_cuda.reference.metrics import classification_metrics, expected_calibration_error
 
 
 def run_train(tmp_path, *args):
@@ -146,7 +149,7 @@ def test_two_process_ddp(tmp_path, method):
     # Its own session, so that a hang kills the workers too, not only torchrun.
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "ipsd_cuda.train", "--data", "synthetic", "--method", method, "--epochs", "1",
+         "-m", "ipsd_cuda.reference.train", "--data", "synthetic", "--method", method, "--epochs", "1",
          "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -172,3 +175,150 @@ def test_console_script():
         pytest.skip("ipsd_cuda is not pip-installed in this environment")
     result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("usage: ipsd-train") and "--method" in result.stdout
+
+
+def test_resident_pipeline_amp_channels_last_and_gaps(tmp_path):
+    """The device-resident path on CPU tensors: bf16 autocast, channels_last, the swap on the gathered batch."""
+    metrics, out = run_train(tmp_path, "--method", "ips", "--pipeline", "resident", "--amp", "--channels-last",
+                             "--batch-size", "32", "--ce-on", "clean")
+    epoch = metrics["runs"][0]["epochs"][0]
+    assert epoch["steps"] == 512 // 32 and epoch["swap_s"] > 0
+    assert np.isfinite(epoch["train"]["loss"]) and np.isfinite(epoch["test"]["nll"])
+    assert set(epoch["train_eval"]) == {"top1", "nll", "ece"}
+    train_stats = epoch["train"]
+    # p = 0.5: about half of the pairs swapped; gaps are probabilities.
+    assert 0.3 < train_stats["swapped_share"] < 0.7
+    for key in ("gap", "gap_swapped", "gap_clean"):
+        assert 0 <= train_stats[key] <= 1
+    assert (out / "swaps-seed0.png").stat().st_size > 0
+
+
+def test_resident_cskd_reports_clean_gaps_only(tmp_path):
+    metrics, _ = run_train(tmp_path, "--method", "cskd", "--pipeline", "resident", "--batch-size", "32")
+    stats = metrics["runs"][0]["epochs"][0]["train"]
+    assert stats["gap_swapped"] is None and stats["swapped_share"] == 0 and 0 <= stats["gap_clean"] <= 1
+
+
+def test_crop_flip_matches_the_per_sample_augmentation():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 2, 9, 7), dtype=torch.uint8, generator=g)
+    pad = batches.crop_pad(7)
+    offsets = torch.randint(0, 2 * pad + 1, (6, 2), generator=g)
+    flips = torch.tensor([True, False, True, False, False, True])
+    out = batches.crop_flip_at(images, pad, offsets, flips)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for i in range(6):
+        dy, dx = offsets[i].tolist()
+        want = torch.nn.functional.pad(images[i], (pad,) * 4)[:, dy : dy + 9, dx : dx + 7]
+        assert torch.equal(out[i], want.flip(-1) if flips[i] else want)
+
+
+def test_resident_batches_swap_never_writes_the_data_set():
+    data = datasets.synthetic(num_train=64)
+    resident_copy = data.x_train.clone()
+    index = batches.IndexBatches(data.y_train, 8, paired=True, seed=0)
+    source = batches.ResidentBatches(data.x_train, data.y_train, index, "cpu", augment=False)
+    for x, y in source:
+        ipsd_cuda.swap(x, y, patch_size=4, p=1.0, pairing="halves")
+    assert torch.equal(source.images, resident_copy) and len(source) == 64 // 8
+
+
+def test_balanced_subset_is_nested_and_balanced():
+    data = datasets.synthetic(num_train=512, num_classes=4)
+    small, large = data.balanced(10), data.balanced(30)
+    assert small.y_train.bincount().tolist() == [10] * 4 and large.y_train.bincount().tolist() == [30] * 4
+    rows = {bytes(x.numpy()) for x in large.x_train}
+    assert all(bytes(x.numpy()) in rows for x in small.x_train)
+    assert torch.equal(small.x_test, data.x_test)
+    with pytest.raises(ValueError, match="fewer than"):
+        data.balanced(1000)
+
+
+def test_swap_examples_show_swapped_pairs_for_loader_swaps(tmp_path):
+    _, out = run_train(tmp_path, "--method", "ips", "--swap-on", "loader", "--batch-size", "16")
+    assert (out / "swaps-seed0.png").stat().st_size > 0
+
+
+def test_plot_swaps_draws_only_swapped_pairs(tmp_path):
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3] * 2)
+    before = x.clone()
+    none = ipsd_cuda.swap(x, labels, patch_size=4, p=0.0, pairing="halves")
+    assert plots.plot_swaps(x, none, (4, 4), "t", tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()
+    plan = ipsd_cuda.swap(x, labels, patch_size=4, p=1.0, pairing="halves")
+    assert plots.plot_swaps(x, plan, (4, 4), "t", tmp_path / "all.png", pairs=3) == 3
+    # Drawing recovers the clean batch from the plan without touching the swapped one.
+    assert not torch.equal(x, before) and (tmp_path / "all.png").exists()
+
+
+def test_cli_output(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in help_text and "synthetic: 512 train" in help_text
+    run_train(tmp_path, "--method", "ce", "--batch-size", "64")
+    captured = capsys.readouterr()
+    table_line = next(line for line in captured.out.splitlines() if line.startswith("ce "))
+    assert "±" not in table_line
+    assert re.search(r"wall time \d+ s;", captured.out)
+    # stderr is not a terminal here: no progress bars.
+    assert "it/s" not in captured.err
+
+
+def test_regime_study_tiny_grid_resumes(tmp_path, capsys):
+    out = tmp_path / "regimes"
+    argv = ["--data", "synthetic", "--sizes", "4", "8", "--ablation-size", "4", "--epochs", "4:1", "8:1",
+            "--evals", "1", "--seeds", "0", "--jobs", "1", "--out", str(out),
+            "--train-args", "--batch-size 8 --pipeline resident"]
+    regimes.main(argv)
+    files = sorted(p.name for p in (out / "runs").glob("*.json"))
+    best = json.loads((out / "summary.json").read_text())
+    ips_cells = [c for c in regimes.IPS_CELLS if c in best["cells"]["8"]]
+    # Every cell at the ablation size; CE, CS-KD, IPS and the best IPS cell at the other.
+    assert len(files) == len(regimes.CELLS) + 3 + (len(ips_cells) == 2)
+    assert set(best["cells"]["4"]) == set(regimes.CELLS)
+    record = json.loads((out / "runs" / "4-ips-seed0.json").read_text())
+    assert record["run"]["epochs"][0]["train"]["gap"] is not None
+    assert (out / "regimes.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    table_md = (out / "table.md").read_text()
+    assert table_md.count("\n") == 2 + len(files)
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    capsys.readouterr()
+    regimes.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    with pytest.raises(SystemExit, match="other arguments"):
+        regimes.main([a if a != "4:1" else "4:2" for a in argv])
+
+
+def test_library_never_imports_the_reference_code():
+    code = "import sys, ipsd_cuda; print(any(m.startswith('ipsd_cuda.reference') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_reference_code_uses_public_names_only():
+    """The reference modules import ``ipsd_cuda`` itself (never its private modules) and use names in ``__all__``."""
+    folder = os.path.dirname(datasets.__file__)
+    for name in os.listdir(folder):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 1 or not (node.module or "").startswith("ipsd_cuda"), (name, node.module)
+            if isinstance(node, ast.Import):
+                assert all(a.name == "ipsd_cuda" or not a.name.startswith("ipsd_cuda") for a in node.names), name
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ipsd_cuda":
+                assert node.attr in ipsd_cuda.__all__, (name, node.attr)
+
+
+def test_epochs_for_budget_from_a_timing_run(tmp_path):
+    metrics, out = run_train(tmp_path, "--method", "compare", "--epochs", "2", "--batch-size", "64")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "epochs_for_budget.py")
+    result = subprocess.run([sys.executable, script, str(out / "metrics.json"), "--budget-s", "1000"],
+                            capture_output=True, text=True, check=True)
+    fits = int(re.search(r"epochs that fit 1000 s: (\d+)", result.stdout).group(1))
+    per_epoch = sum(train.epoch_seconds(r) for r in metrics["runs"])
+    assert fits <= 1000 / per_epoch and fits > 0
+    assert all(m in result.stdout for m in ("ce", "cskd", "ips"))

@@ -2,16 +2,12 @@
 # The GPU check, for a machine with a CUDA GPU and no network: builds the
 # extension for the visible GPU, runs the whole test suite (CUDA cases
 # included), compute-sanitizer memcheck and initcheck on small swaps, and the
-# CUDA benchmarks. At most 8 files go to $REPORT_DIR (default
+# CUDA benchmarks. At most 7 files go to $REPORT_DIR (default
 # runs/gpu-check): build.log, tests.log, sanitizer.log, bench.log,
-# bench-cuda.json, bench-cuda.png, report.txt and, with GPU_COMPARE,
-# compare-metrics.json. The report is printed last.
+# bench-cuda.json, bench-cuda.png, report.txt. The report is printed last.
+# The reference comparison on the GPU is a separate call: make gpu-compare.
 #
-#   make gpu-check                                          # the checks (a few minutes)
-#   GPU_COMPARE="--epochs 30 --seeds 0 1 2" make gpu-check  # and the reference comparison
-#
-# With GPU_COMPARE, Fashion-MNIST's four .gz files are read from
-# $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored).
+#   make gpu-check
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${REPORT_DIR:-runs/gpu-check}
@@ -64,13 +60,6 @@ fi
 step bench "$DIR/bench.log" $PY -m pytest bench -q -p no:cacheprovider -m cuda \
   --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
 $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
-if [ -n "${GPU_COMPARE:-}" ]; then
-  # shellcheck disable=SC2086
-  step compare "$REPORT" $PY -m ipsd_cuda.train --data fashion-mnist \
-    --data-dir "${FASHION_MNIST_DIR:-.data/fashion-mnist}" --method compare --model resnet18 \
-    --amp --channels-last --num-workers 8 --quiet --out runs/gpu-compare $GPU_COMPARE
-  cp runs/gpu-compare/metrics.json "$DIR/compare-metrics.json" 2>/dev/null
-fi
 
 echo "--- tests"
 grep -E "^(FAILED|ERROR)|passed|failed|error" "$DIR/tests.log" | tail -n 30

@@ -53,7 +53,9 @@ def progress(iterable=None, **kwargs):
     """A tqdm bar on stderr that redraws at most once a minute when stderr is
     not a terminal, so that a log file gets a line a minute, not one per step."""
     if not sys.stderr.isatty():
+        # tqdm's monitor thread also redraws a bar idle for maxinterval.
         kwargs.setdefault("mininterval", 60.0)
+        kwargs.setdefault("maxinterval", 60.0)
     return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
@@ -263,9 +265,11 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
         }
         last = epoch + 1 == args.epochs
         if dist_ctx.main and (last or (epoch + 1) % args.eval_every == 0):
+            eval_start = time.perf_counter()
             record["train_eval"] = evaluate(model, data.x_train, data.y_train, normalize, eval_batch, device,
                                             autocast)
             record["test"] = evaluate(model, data.x_test, data.y_test, normalize, eval_batch, device, autocast)
+            record["eval_s"] = time.perf_counter() - eval_start
         dist_ctx.barrier()
         epochs.append(record)
         if log and dist_ctx.main and "test" in record:
