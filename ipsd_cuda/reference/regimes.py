@@ -14,8 +14,9 @@ seeds. The ablations tell the parts of IPS apart:
   differ more in confidence (the training records log that gap per epoch).
 
 By default the ablations run at ``--ablation-size`` only; the other sizes
-run CE, CS-KD, IPS and the IPS setting with the best mean test top-1 at the
-ablation size (``--full``: every cell at every size).
+run CE, CS-KD, IPS and, once every seed of the ablations has finished, the
+IPS setting with the best mean test top-1 at the ablation size (``--full``:
+every cell at every size).
 
 Every finished run is saved to ``OUT/runs/SIZE-CELL-seedS.json`` and skipped
 when the command is run again, so an interrupted study resumes where it
@@ -37,6 +38,7 @@ import os
 import queue
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -119,13 +121,15 @@ class Study:
         return self.folder / f"{size}-{cell}-seed{seed}.json"
 
     def planned(self) -> List[tuple]:
-        """The runs known before any result: the ablation size's cells first, as the others' best IPS cell
-        depends on them."""
+        """The runs known before any result, seed by seed (an interrupted study then has every cell once
+        before it has any twice): the comparison at every size, then the ablations."""
         a = self.args
-        first = [(a.ablation_size, c) for c in CELLS] if not a.full else []
-        rest = [(s, c) for s in a.sizes for c in (CELLS if a.full else CORE) if (s, c) not in first]
-        # Seed by seed, so that an interrupted study has every cell of a stage once before it has any twice.
-        return [(s, c, seed) for stage in (first, rest) for seed in a.seeds for s, c in stage]
+        if a.full:
+            cells = [(s, c) for s in a.sizes for c in CELLS]
+        else:
+            cells = [(s, c) for s in a.sizes for c in CORE]
+            cells += [(a.ablation_size, c) for c in CELLS if c not in CORE]
+        return [(s, c, seed) for seed in a.seeds for s, c in cells]
 
     def finished(self, size: int, cell: str, seed: int) -> bool:
         """Whether the run's result is saved; a result saved by another command line is an error."""
@@ -182,9 +186,17 @@ def load(path: Path) -> Optional[dict]:
 _worker: dict = {}
 
 
-def _init_worker(threads: int, channel) -> None:
+def _init_worker(threads: int, channel, parent: int) -> None:
     torch.set_num_threads(threads)
     _worker["channel"] = channel
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once the study's process is gone (killed, say), instead of training on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(5)
+    os._exit(1)
 
 
 def run_one(argv: List[str], path: str, work: float, size: int, cell: str, seed: int) -> str:
@@ -270,7 +282,7 @@ def execute(study: Study, num_classes: int) -> None:
         context = multiprocessing.get_context("spawn")
         channel = context.Queue()
         with cf.ProcessPoolExecutor(a.jobs, mp_context=context, initializer=_init_worker,
-                                    initargs=(a.threads, channel)) as pool:
+                                    initargs=(a.threads, channel, os.getpid())) as pool:
             futures = {pool.submit(run_one, *task(r)): r for r in todo}
             while futures:
                 try:

@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--data-dir", default=None,
-                   help=f"where the data files are (None: {datasets.FASHION_MNIST_DIR} for fashion-mnist, "
-                        "~/.cache/cifar for CIFAR)")
+                   help=f"where the data files are; when not given, {datasets.FASHION_MNIST_DIR} for "
+                        "fashion-mnist and ~/.cache/cifar for CIFAR")
     p.add_argument("--train-size", type=int, default=None, help="train on a random subset of this size")
     p.add_argument("--per-class", type=int, default=None,
                    help="train on a class-balanced subset of this many images per class")
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="samples (ce) or anchors (cskd, ips) per step")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop and flip")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop (zero padding of an eighth of the side) and horizontal flip")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and method")
     p.add_argument("--patch-size", type=int, nargs="+", default=[4], help="ips: cell size, P or PH PW")
     p.add_argument("--swap-ratio", type=float, default=0.5, help="ips: share of the cells a pair exchanges")
