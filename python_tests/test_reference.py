@@ -135,7 +135,8 @@ def test_metrics_against_direct_formulas():
     for b in range(15):
         inside = (conf > b / 15) & (conf <= (b + 1) / 15)
         if inside.any():
-            ece += inside.sum() / 500 * abs((pred[inside] == labels[inside]).double().mean() - conf[inside].double().mean())
+            accuracy = (pred[inside] == labels[inside]).double().mean()
+            ece += inside.sum() / 500 * abs(accuracy - conf[inside].double().mean())
     assert expected_calibration_error(probs, labels) == pytest.approx(float(ece), abs=1e-6)
     m = classification_metrics(logits, labels)
     assert m["top1"] == pytest.approx(100 * (pred == labels).double().mean().item())
@@ -303,7 +304,8 @@ def test_reference_code_uses_public_names_only():
     for name in os.listdir(folder):
         if not name.endswith(".py"):
             continue
-        tree = ast.parse(open(os.path.join(folder, name)).read())
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 assert node.level == 1 or not (node.module or "").startswith("ipsd_cuda"), (name, node.module)
@@ -322,3 +324,12 @@ def test_epochs_for_budget_from_a_timing_run(tmp_path):
     per_epoch = sum(train.epoch_seconds(r) for r in metrics["runs"])
     assert fits <= 1000 / per_epoch and fits > 0
     assert all(m in result.stdout for m in ("ce", "cskd", "ips"))
+
+
+def test_regime_study_in_worker_processes(tmp_path):
+    """The study's default path: runs in spawned worker processes, progress through a queue."""
+    out = tmp_path / "regimes"
+    regimes.main(["--data", "synthetic", "--sizes", "4", "--ablation-size", "4", "--epochs", "4:1", "--evals", "1",
+                  "--seeds", "0", "--jobs", "2", "--out", str(out), "--train-args", "--batch-size 8"])
+    assert len(list((out / "runs").glob("*.json"))) == len(regimes.CELLS)
+    assert json.loads((out / "summary.json").read_text())["sizes"] == ["4"]

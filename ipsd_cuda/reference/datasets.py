@@ -137,7 +137,9 @@ def load_npz(path: str) -> ImageData:
     return _from_arrays(arrays, Path(path).stem)
 
 
-def synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 4, size: int = 16, seed: int = 0) -> ImageData:
+def synthetic(
+    num_train: int = 512, num_test: int = 256, num_classes: int = 4, size: int = 16, seed: int = 0
+) -> ImageData:
     """A small learnable set: each class is a noisy version of its own random template."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.rand(num_classes, 1, size, size, generator=g) * 255

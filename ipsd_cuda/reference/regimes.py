@@ -32,6 +32,7 @@ per-epoch train top-1 and test NLL at every size).
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing
 import os
@@ -285,10 +286,8 @@ def execute(study: Study, num_classes: int) -> None:
                                     initargs=(a.threads, channel, os.getpid())) as pool:
             futures = {pool.submit(run_one, *task(r)): r for r in todo}
             while futures:
-                try:
+                with contextlib.suppress(queue.Empty):
                     bar.update(channel.get(timeout=1.0))
-                except queue.Empty:
-                    pass
                 done, _ = cf.wait(futures, timeout=0, return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     run = futures.pop(future)
@@ -305,6 +304,12 @@ def stats(values: List[float]) -> dict:
             "values": values}
 
 
+def _gap(train_records: List[dict], key: str) -> Optional[dict]:
+    """Stats of a gap over the runs that had pairs of that kind (None if none had)."""
+    values = [t[key] for t in train_records if t.get(key) is not None]
+    return stats(values) if values else None
+
+
 def summarise(study: Study) -> dict:
     """Per size and cell, over the finished seeds: the final test metrics, how well the training set was
     fitted, whether test NLL rose after its best evaluation, and the pair confidence gaps."""
@@ -319,10 +324,6 @@ def summarise(study: Study) -> dict:
             evals = [[e for e in run["epochs"] if "test" in e] for run in runs]
             last = [run["epochs"][-1]["train"] for run in runs]
 
-            def gap(key):
-                values = [t[key] for t in last if t.get(key) is not None]
-                return stats(values) if values else None
-
             out.setdefault(size, {})[cell] = {
                 "label": CELLS[cell][0],
                 "seeds": [r["seed"] for r in results],
@@ -330,8 +331,8 @@ def summarise(study: Study) -> dict:
                 "train_top1": stats([e[-1]["train_eval"]["top1"] for e in evals]),
                 "train_nll": stats([e[-1]["train_eval"]["nll"] for e in evals]),
                 "best_test_nll": stats([min(x["test"]["nll"] for x in e) for e in evals]),
-                "gap_swapped": gap("gap_swapped"),
-                "gap_clean": gap("gap_clean"),
+                "gap_swapped": _gap(last, "gap_swapped"),
+                "gap_clean": _gap(last, "gap_clean"),
                 "wall_s": stats([r["wall_s"] for r in results]),
             }
     return {"sizes": sorted(out, key=int), "cells": out}
@@ -347,8 +348,10 @@ def _cell(entry: Optional[dict], digits: int) -> str:
 def markdown(summary: dict) -> str:
     """The summary as a markdown table, one row per size and cell."""
     lines = [
-        "| images/class | method | test top-1 (%) | test NLL (best → final) | test ECE (%) | train top-1 (%) "
-        "| gap, swapped / clean pairs | seeds |",
+        (
+            "| images/class | method | test top-1 (%) | test NLL (best → final) | test ECE (%) | train top-1 (%) "
+            "| gap, swapped / clean pairs | seeds |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size in summary["sizes"]:
@@ -396,8 +399,8 @@ def plot_fit(study: Study, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, size in enumerate(study.args.sizes):
         for cell, style in (("ce", "-"), ("ips", "--")):
-            run = next((load(study.path(size, cell, s)) for s in study.args.seeds if study.path(size, cell, s).exists()),
-                       None)
+            saved = (load(study.path(size, cell, s)) for s in study.args.seeds)
+            run = next((r for r in saved if r is not None), None)
             if run is None:
                 continue
             evals = [e for e in run["run"]["epochs"] if "test" in e]

@@ -205,8 +205,8 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
     def timed_swap(x, y, spans):
         """Swap in place; append the call's seconds, or on CUDA its pair of
         events, read once per epoch so that timing adds no sync per step."""
-        kwargs = dict(patch_size=args.patch_size, swap_ratio=args.swap_ratio, alpha=args.alpha,
-                      p=args.p, pairing="halves")
+        kwargs = {"patch_size": args.patch_size, "swap_ratio": args.swap_ratio, "alpha": args.alpha,
+                  "p": args.p, "pairing": "halves"}
         if device.type != "cuda":
             t0 = time.perf_counter()
             plan = ipsd_cuda.swap(x, y, **kwargs)
@@ -238,7 +238,8 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
                     clean = x.clone() if args.ce_on == "clean" else None
                     plan = timed_swap(x, y, swap_spans)
                 if show_swaps:
-                    show_swaps = not plot_swaps(x, plan, patch, f"seed {seed}", Path(args.out) / f"swaps-seed{seed}.png")
+                    path = Path(args.out) / f"swaps-seed{seed}.png"
+                    show_swaps = not plot_swaps(x, plan, patch, f"seed {seed}", path)
             with autocast():
                 loss, stats = step(net, Batch(normalize(x), y, plan, None if clean is None else normalize(clean)),
                                    settings)
@@ -325,8 +326,10 @@ def mean_std(entry: dict, digits: int) -> str:
 def table(summary, seeds):
     """The summary as a fixed-width text table."""
     lines = [
-        f"{'method':<6} {'top-1 (%)':>15} {'NLL':>17} {'ECE (%)':>15} {'img/s':>8} {'s/epoch':>8}"
-        f"   ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
+        (
+            f"{'method':<6} {'top-1 (%)':>15} {'NLL':>17} {'ECE (%)':>15} {'img/s':>8} {'s/epoch':>8}"
+            f"   ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        ),
     ]
     for method, s in summary.items():
         cells = [mean_std(s[k], d) for k, d in (("top1", 2), ("nll", 4), ("ece", 2))]
@@ -413,7 +416,7 @@ def load_data(args) -> datasets.ImageData:
         else:
             data = data.subset(args.train_size, args.test_size, args.subset_seed)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"ipsd-train: {err}")
+        raise SystemExit(f"ipsd-train: {err}") from err
     return data
 
 
