@@ -6,13 +6,16 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: help install test compare bench gpu-check clean
+.PHONY: help install test compare regimes bench gpu-data gpu-check gpu-compare clean
 
 help:
-	@echo "make compare    CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
-	@echo "make test       build the extension and run the test suite"
-	@echo "make bench      CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
-	@echo "make gpu-check  on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks"
+	@echo "make compare      CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
+	@echo "make test         build the extension and run the test suite"
+	@echo "make regimes      the regime study: 50 / 100 / 500 images per class, ablations, 3 seeds (~2 h, resumable)"
+	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
+	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
+	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"
+	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~8 min); python3, no venv"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +45,12 @@ $(FASHION_MNIST):
 # COMPARE_ARGS="--seeds 0 1 2" (three times as long).
 COMPARE_ARGS ?= --seeds 0
 compare: install $(FASHION_MNIST)
-	$(BIN)/python -m ipsd_cuda.train --data fashion-mnist --method compare --train-size 10000 --epochs 15 --eval-every 5 --out runs/fashion-mnist-compare $(COMPARE_ARGS)
+	$(BIN)/python -m ipsd_cuda.reference.train --data fashion-mnist --method compare --train-size 10000 --epochs 15 --eval-every 5 --out runs/fashion-mnist-compare $(COMPARE_ARGS)
+
+# Resumable: a finished run is saved under runs/regimes/runs/ and not redone.
+# REGIMES_ARGS="--report" summarises what has finished so far.
+regimes: install $(FASHION_MNIST)
+	$(BIN)/python -m ipsd_cuda.reference.regimes --out runs/regimes $(REGIMES_ARGS)
 
 # A few minutes; on a machine shared with other jobs add BENCH_ARGS="--bench-threads 1".
 bench: install
@@ -52,6 +60,17 @@ bench: install
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The GPU machine has no network: the data travels with the checkout, in a
+# git-ignored folder. Copies where the system package is installed, and
+# does nothing elsewhere (on the GPU machine itself).
+GPU_DATA := .data/fashion-mnist
+gpu-data:
+	@if [ -d $(FASHION_MNIST) ]; then mkdir -p $(GPU_DATA) && cp -u $(FASHION_MNIST)/*-ubyte.gz $(GPU_DATA)/; fi
+
+# Plain python3, no venv (the GPU image's torch). EPOCHS=2 times the methods.
+gpu-compare: gpu-data
+	bash scripts/gpu_compare.sh
 
 clean:
 	rm -rf build $(VENV) ipsd_cuda/*.so *.egg-info

@@ -3,15 +3,12 @@
 # extension for the visible GPU, runs the whole test suite (CUDA cases
 # included), compute-sanitizer memcheck and initcheck on small swaps, the
 # CUDA benchmarks and the per-call timings of bench/cuda_timing.py. At most
-# 8 files go to $REPORT_DIR (default runs/gpu-check): build.log, tests.log,
-# sanitizer.log, bench.log, bench-cuda.json, bench-cuda.png, report.txt and,
-# with GPU_COMPARE, compare-metrics.json. The report is printed last.
+# 7 files go to $REPORT_DIR (default runs/gpu-check): build.log, tests.log,
+# sanitizer.log, bench.log, bench-cuda.json, bench-cuda.png, report.txt. The
+# report is printed last. The reference comparison on the GPU is a separate
+# call: make gpu-compare.
 #
-#   make gpu-check                                          # the checks (a few minutes)
-#   GPU_COMPARE="--epochs 30 --seeds 0 1 2" make gpu-check  # and the reference comparison
-#
-# With GPU_COMPARE, Fashion-MNIST's four .gz files are read from
-# $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored).
+#   make gpu-check
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${REPORT_DIR:-runs/gpu-check}
@@ -67,13 +64,6 @@ $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPOR
 # Per-call times over many calls (no sync inside), graph replay, launches.
 step timing "$DIR/bench.log" $PY bench/cuda_timing.py
 sed -n '/^| input/,$p' "$DIR/bench.log" >>"$REPORT"
-if [ -n "${GPU_COMPARE:-}" ]; then
-  # shellcheck disable=SC2086
-  step compare "$REPORT" $PY -m ipsd_cuda.train --data fashion-mnist \
-    --data-dir "${FASHION_MNIST_DIR:-.data/fashion-mnist}" --method compare --model resnet18 \
-    --amp --channels-last --num-workers 8 --quiet --out runs/gpu-compare $GPU_COMPARE
-  cp runs/gpu-compare/metrics.json "$DIR/compare-metrics.json" 2>/dev/null
-fi
 
 echo "--- tests"
 grep -E "^(FAILED|ERROR)|passed|failed|error" "$DIR/tests.log" | tail -n 30

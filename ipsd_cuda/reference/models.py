@@ -1,4 +1,4 @@
-"""Models for the reference training loop, sized for 28-32 px images."""
+"""Models for the reference experiments, sized for 28-32 px images."""
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class SmallResNet(nn.Module):
 
     Example:
         >>> import torch
-        >>> from ipsd_cuda.models import SmallResNet
+        >>> from ipsd_cuda.reference.models import SmallResNet
         >>> SmallResNet(1, 10)(torch.rand(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """

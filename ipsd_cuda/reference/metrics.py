@@ -18,7 +18,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     correct = (predicted == labels).double()
     # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence is > 0 always.
     which = (confidence.double() * bins).ceil().long().clamp_(1, bins) - 1
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, torch.ones_like(correct))
     gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct - confidence.double())
     return float(gap.abs().sum() / max(len(labels), 1))
 

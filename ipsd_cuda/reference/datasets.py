@@ -1,4 +1,4 @@
-"""Image classification data for the reference training loop, held in memory as uint8.
+"""Image classification data for the reference experiments, held in memory as uint8.
 
 Sources: Fashion-MNIST (idx .gz files), CIFAR-10/100 (torchvision's copies on
 disk), any user's ``.npz`` arrays, and a synthetic set for tests.
@@ -53,6 +53,28 @@ class ImageData:
         x_train, y_train = pick(self.x_train, self.y_train, train)
         x_test, y_test = pick(self.x_test, self.y_test, test)
         return ImageData(x_train, y_train, x_test, y_test, self.name)
+
+    def balanced(self, per_class: int, seed: int = 0) -> "ImageData":
+        """A training split of ``per_class`` random images of every class (the test split whole).
+
+        The images of each class are drawn from one shuffle of that class,
+        so with the same ``seed`` a smaller subset is part of a larger one.
+
+        Example:
+            >>> from ipsd_cuda.reference.datasets import synthetic
+            >>> small = synthetic(num_classes=4).balanced(10)
+            >>> small.y_train.bincount().tolist()
+            [10, 10, 10, 10]
+        """
+        g = torch.Generator().manual_seed(seed)
+        picked = []
+        for c in range(self.num_classes):
+            members = (self.y_train == c).nonzero().squeeze(1)
+            if len(members) < per_class:
+                raise ValueError(f"class {c} has {len(members)} training images, fewer than {per_class}")
+            picked.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+        idx = torch.cat(picked).sort().values
+        return ImageData(self.x_train[idx], self.y_train[idx], self.x_test, self.y_test, self.name)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -115,7 +137,9 @@ def load_npz(path: str) -> ImageData:
     return _from_arrays(arrays, Path(path).stem)
 
 
-def synthetic(num_train: int = 512, num_test: int = 256, num_classes: int = 4, size: int = 16, seed: int = 0) -> ImageData:
+def synthetic(
+    num_train: int = 512, num_test: int = 256, num_classes: int = 4, size: int = 16, seed: int = 0
+) -> ImageData:
     """A small learnable set: each class is a noisy version of its own random template."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.rand(num_classes, 1, size, size, generator=g) * 255

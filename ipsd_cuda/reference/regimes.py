@@ -1,0 +1,453 @@
+"""The regime study: where, in training-set size, does intra-class patch swap help?
+
+Trains CE, CS-KD, IPS at the package defaults and IPS's ablations on
+class-balanced training subsets (``--sizes`` images per class, one fixed
+subset draw, the smaller inside the larger), tests on the full test set,
+with schedules long enough for CE to fit its training set, over several
+seeds. The ablations tell the parts of IPS apart:
+
+- ``ips-p0``: ``p = 0``, distillation between clean intra-class pairs, no swap;
+- ``swap-only``: the swap with KD weight 0 (cross-entropy on swapped images);
+- ``ips-t4``: the usual KD temperature, 4;
+- ``ips-beta{a}``: each pair's share of cells drawn from ``Beta(a, a)``
+  instead of a fixed half, which should make the two members of a pair
+  differ more in confidence (the training records log that gap per epoch).
+
+By default the ablations run at ``--ablation-size`` only; the other sizes
+run CE, CS-KD, IPS and, once every seed of the ablations has finished, the
+IPS setting with the best mean test top-1 at the ablation size (``--full``:
+every cell at every size).
+
+Every finished run is saved to ``OUT/runs/SIZE-CELL-seedS.json`` and skipped
+when the command is run again, so an interrupted study resumes where it
+stopped. One progress bar covers the whole grid. At the end (or alone, with
+``--report``) the runs are summarised into ``OUT/summary.json``,
+``OUT/table.md`` (mean ± std over seeds), ``OUT/regimes.png`` (test top-1 and
+ECE against images per class) and ``OUT/curves.png`` (CE's and IPS's
+per-epoch train top-1 and test NLL at every size).
+
+    python -m ipsd_cuda.reference.regimes                   # the README's study, ~2 h on 2 cores
+    python -m ipsd_cuda.reference.regimes --report          # summarise what has finished
+"""
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import json
+import multiprocessing
+import os
+import queue
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import train
+from .plots import pyplot
+
+# name -> (label, ipsd-train arguments)
+CELLS: Dict[str, tuple] = {
+    "ce": ("CE", ["--method", "ce"]),
+    "cskd": ("CS-KD (T = 4)", ["--method", "cskd"]),
+    "ips": ("IPS, defaults (p = 0.5, T = 1)", ["--method", "ips"]),
+    "ips-p0": ("IPS, p = 0 (no swap)", ["--method", "ips", "--p", "0"]),
+    "swap-only": ("swap only (KD weight 0)", ["--method", "ips", "--kd-weight", "0"]),
+    "ips-t4": ("IPS, T = 4", ["--method", "ips", "--temperature", "4"]),
+    "ips-beta0.5": ("IPS, Beta(0.5, 0.5) share", ["--method", "ips", "--alpha", "0.5"]),
+    "ips-beta1": ("IPS, Beta(1, 1) share", ["--method", "ips", "--alpha", "1"]),
+    "ips-beta2": ("IPS, Beta(2, 2) share", ["--method", "ips", "--alpha", "2"]),
+}
+CORE = ("ce", "cskd", "ips")
+IPS_CELLS = tuple(name for name, (_, argv) in CELLS.items() if argv[1] == "ips")
+# Relative cost of an epoch: CE one forward-backward per anchor, CS-KD one
+# more forward, the IPS cells two forward-backward passes.
+COST = {"ce": 1.0, "cskd": 1.4}
+
+
+def parse_epochs(specs: List[str]) -> Dict[int, int]:
+    """``["50:150", "100:100"]`` as ``{50: 150, 100: 100}``."""
+    out = {}
+    for spec in specs:
+        size, _, epochs = spec.partition(":")
+        try:
+            out[int(size)] = int(epochs)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--epochs takes SIZE:EPOCHS pairs, got {spec!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the regime study."""
+    p = argparse.ArgumentParser(prog="python -m ipsd_cuda.reference.regimes", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist", help="as ipsd-train's --data")
+    p.add_argument("--data-dir", default=None, help="as ipsd-train's --data-dir")
+    p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 500], help="training images per class")
+    p.add_argument("--ablation-size", type=int, default=100, help="the size at which every cell runs")
+    p.add_argument("--full", action="store_true", help="every cell at every size")
+    p.add_argument("--epochs", nargs="+", default=["50:150", "100:90", "500:30"],
+                   help="SIZE:EPOCHS for every size")
+    p.add_argument("--evals", type=int, default=5, help="evaluations per run (train and test sets)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (the subset draw stays fixed)")
+    p.add_argument("--train-args", default="--model resnet8 --batch-size 64 --pipeline resident --channels-last",
+                   help="further ipsd-train arguments of every run")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (small models on a shared machine lose more to waiting for "
+                        "each other's threads than they gain)")
+    p.add_argument("--out", default="runs/regimes", help="output folder")
+    p.add_argument("--report", action="store_true", help="only summarise the finished runs")
+    return p
+
+
+class Study:
+    """The grid of one command line: which runs, in which order, and their files."""
+
+    def __init__(self, args):
+        self.args = args
+        self.epochs = parse_epochs(args.epochs)
+        missing = [s for s in args.sizes if s not in self.epochs]
+        if missing:
+            raise SystemExit(f"regimes: --epochs gives no epoch count for sizes {missing}")
+        if not args.full and args.ablation_size not in args.sizes:
+            raise SystemExit(f"regimes: --ablation-size {args.ablation_size} is not one of --sizes {args.sizes}")
+        self.folder = Path(args.out) / "runs"
+
+    def path(self, size: int, cell: str, seed: int) -> Path:
+        """Where the run's result is saved."""
+        return self.folder / f"{size}-{cell}-seed{seed}.json"
+
+    def planned(self) -> List[tuple]:
+        """The runs known before any result, seed by seed (an interrupted study then has every cell once
+        before it has any twice): the comparison at every size, then the ablations."""
+        a = self.args
+        if a.full:
+            cells = [(s, c) for s in a.sizes for c in CELLS]
+        else:
+            cells = [(s, c) for s in a.sizes for c in CORE]
+            cells += [(a.ablation_size, c) for c in CELLS if c not in CORE]
+        return [(s, c, seed) for seed in a.seeds for s, c in cells]
+
+    def finished(self, size: int, cell: str, seed: int) -> bool:
+        """Whether the run's result is saved; a result saved by another command line is an error."""
+        saved = load(self.path(size, cell, seed))
+        if saved is None:
+            return False
+        if saved["argv"] != self.argv(size, cell, seed):
+            raise SystemExit(f"regimes: {self.path(size, cell, seed)} was trained with other arguments "
+                             f"({' '.join(saved['argv'])}); use another --out")
+        return True
+
+    def best_ips(self) -> Optional[str]:
+        """The IPS cell with the best mean test top-1 at the ablation size, once all of its runs are done."""
+        if self.args.full:
+            return None
+        means = {}
+        for cell in IPS_CELLS:
+            runs = [load(self.path(self.args.ablation_size, cell, s)) for s in self.args.seeds]
+            if any(r is None for r in runs):
+                return None
+            means[cell] = statistics.fmean(r["run"]["final"]["top1"] for r in runs)
+        return max(means, key=means.get)
+
+    def followups(self, best: str) -> List[tuple]:
+        """The best IPS cell's runs at the other sizes (none when it is the defaults, already planned)."""
+        if self.args.full or best in CORE:
+            return []
+        return [(s, best, seed) for s in self.args.sizes if s != self.args.ablation_size for seed in self.args.seeds]
+
+    def argv(self, size: int, cell: str, seed: int) -> List[str]:
+        """The ipsd-train arguments of one run."""
+        a, epochs = self.args, self.epochs[size]
+        argv = ["--data", a.data, "--per-class", str(size), "--epochs", str(epochs),
+                "--eval-every", str(max(1, epochs // a.evals)), "--seeds", str(seed), "--quiet",
+                "--no-swap-examples", "--out", str(Path(a.out)), *a.train_args.split(), *CELLS[cell][1]]
+        if a.data_dir:
+            argv += ["--data-dir", a.data_dir]
+        return argv
+
+    def work(self, size: int, cell: str, num_classes: int) -> float:
+        """The run's progress units: its anchor images over all epochs, weighted by the method's cost."""
+        return self.epochs[size] * size * num_classes * COST.get(cell, 2.0)
+
+
+def load(path: Path) -> Optional[dict]:
+    """A saved run, or None if it has not finished."""
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# Per worker process: the data of the last subset asked for, and the channel to the progress bar.
+_worker: dict = {}
+
+
+def _init_worker(threads: int, channel, parent: int) -> None:
+    torch.set_num_threads(threads)
+    _worker["channel"] = channel
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once the study's process is gone (killed, say), instead of training on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(5)
+    os._exit(1)
+
+
+def run_one(argv: List[str], path: str, work: float, size: int, cell: str, seed: int) -> str:
+    """Train one cell of the grid and save its result to ``path``; returns ``path``."""
+    args = train.parse_args(argv)
+    key = (args.data, args.data_dir, args.per_class)
+    if _worker.get("key") != key:
+        _worker.update(key=key, data=train.load_data(args))
+    data = _worker["data"]
+    channel = _worker.get("channel")
+    per_epoch = work / args.epochs
+
+    def on_epoch(record):
+        if channel is not None:
+            channel.put(per_epoch)
+
+    started = time.perf_counter()
+    run = train.train_one(args, args.method, seed, train.initial_weights(args, data, seed), data,
+                          train.Distributed(args.device), on_epoch, log=False)
+    result = {"size": size, "cell": cell, "seed": seed, "argv": argv, "run": run,
+              "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+              "torch": torch.__version__}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "w") as f:
+        json.dump(result, f)
+    # Whole or absent: a run killed while writing is redone, not half-read.
+    os.replace(partial, target)
+    return path
+
+
+def execute(study: Study, num_classes: int) -> None:
+    """Run every unfinished run of the grid, ``--jobs`` at a time, under one progress bar."""
+    a = study.args
+
+    def unfinished(runs):
+        return [r for r in runs if not study.finished(*r)]
+
+    def work(runs):
+        return sum(study.work(s, c, num_classes) for s, c, _ in runs)
+
+    todo = unfinished(study.planned())
+    best = study.best_ips()
+    if best is not None:
+        todo += unfinished(study.followups(best))
+    # Until the best IPS cell is known, its follow-ups are counted as IPS runs
+    # of some variant ("ips-p0" stands for any), and corrected once it is.
+    placeholder = study.followups("ips-p0") if best is None else []
+    counts = {"done": 0, "runs": len(todo) + len(placeholder)}
+    bar = train.progress(total=work(todo + placeholder), unit="img", unit_scale=True, desc="regimes",
+                         smoothing=0.05)
+
+    def finished(run) -> List[tuple]:
+        """Count a finished run; return the follow-ups it unlocks, if any."""
+        counts["done"] += 1
+        bar.set_postfix_str(f"{counts['done']}/{counts['runs']} runs, last {run[0]}/class {run[1]} seed {run[2]}",
+                           refresh=False)
+        if not placeholder or study.best_ips() is None:
+            return []
+        best_now = study.best_ips()
+        more = unfinished(study.followups(best_now))
+        bar.total += work(more) - work(placeholder)
+        counts["runs"] += len(more) - len(placeholder)
+        placeholder.clear()
+        bar.write(f"regimes: best IPS cell at {a.ablation_size}/class: {best_now}")
+        return more
+
+    def task(run):
+        s, c, seed = run
+        return (study.argv(s, c, seed), str(study.path(s, c, seed)), study.work(s, c, num_classes), s, c, seed)
+
+    if a.jobs == 1:
+        torch.set_num_threads(a.threads)
+        _worker["channel"] = queue.SimpleQueue()
+        while todo:
+            run = todo.pop(0)
+            run_one(*task(run))
+            while not _worker["channel"].empty():
+                bar.update(_worker["channel"].get())
+            todo += finished(run)
+    else:
+        context = multiprocessing.get_context("spawn")
+        channel = context.Queue()
+        with cf.ProcessPoolExecutor(a.jobs, mp_context=context, initializer=_init_worker,
+                                    initargs=(a.threads, channel, os.getpid())) as pool:
+            futures = {pool.submit(run_one, *task(r)): r for r in todo}
+            while futures:
+                with contextlib.suppress(queue.Empty):
+                    bar.update(channel.get(timeout=1.0))
+                done, _ = cf.wait(futures, timeout=0, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    run = futures.pop(future)
+                    future.result()
+                    futures.update({pool.submit(run_one, *task(r)): r for r in finished(run)})
+            while not channel.empty():
+                bar.update(channel.get())
+    bar.close()
+
+
+def stats(values: List[float]) -> dict:
+    """Mean, standard deviation (None for one value) and the values."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def _gap(train_records: List[dict], key: str) -> Optional[dict]:
+    """Stats of a gap over the runs that had pairs of that kind (None if none had)."""
+    values = [t[key] for t in train_records if t.get(key) is not None]
+    return stats(values) if values else None
+
+
+def summarise(study: Study) -> dict:
+    """Per size and cell, over the finished seeds: the final test metrics, how well the training set was
+    fitted, whether test NLL rose after its best evaluation, and the pair confidence gaps."""
+    summary: Dict[str, dict] = {}
+    for path in sorted(study.folder.glob("*.json")):
+        r = load(path)
+        summary.setdefault(str(r["size"]), {}).setdefault(r["cell"], []).append(r)
+    out: Dict[str, dict] = {}
+    for size, cells in summary.items():
+        for cell, results in cells.items():
+            runs = [r["run"] for r in results]
+            evals = [[e for e in run["epochs"] if "test" in e] for run in runs]
+            last = [run["epochs"][-1]["train"] for run in runs]
+
+            out.setdefault(size, {})[cell] = {
+                "label": CELLS[cell][0],
+                "seeds": [r["seed"] for r in results],
+                **{k: stats([run["final"][k] for run in runs]) for k in ("top1", "nll", "ece")},
+                "train_top1": stats([e[-1]["train_eval"]["top1"] for e in evals]),
+                "train_nll": stats([e[-1]["train_eval"]["nll"] for e in evals]),
+                "best_test_nll": stats([min(x["test"]["nll"] for x in e) for e in evals]),
+                "gap_swapped": _gap(last, "gap_swapped"),
+                "gap_clean": _gap(last, "gap_clean"),
+                "wall_s": stats([r["wall_s"] for r in results]),
+            }
+    return {"sizes": sorted(out, key=int), "cells": out}
+
+
+def _cell(entry: Optional[dict], digits: int) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry['mean']:.{digits}f}"
+    return text if entry["std"] is None else f"{text} ± {entry['std']:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    """The summary as a markdown table, one row per size and cell."""
+    lines = [
+        (
+            "| images/class | method | test top-1 (%) | test NLL (best → final) | test ECE (%) | train top-1 (%) "
+            "| gap, swapped / clean pairs | seeds |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for size in summary["sizes"]:
+        for cell in CELLS:
+            e = summary["cells"][size].get(cell)
+            if e is None:
+                continue
+            nll = f"{e['best_test_nll']['mean']:.3f} → {_cell(e['nll'], 3)}"
+            gaps = f"{_cell(e['gap_swapped'], 3)} / {_cell(e['gap_clean'], 3)}" if cell != "ce" else "–"
+            lines.append(f"| {size} | {e['label']} | {_cell(e['top1'], 2)} | {nll} | {_cell(e['ece'], 2)} "
+                         f"| {_cell(e['train_top1'], 1)} | {gaps} | {len(e['seeds'])} |")
+    return "\n".join(lines)
+
+
+def plot_regimes(summary: dict, path: Path) -> None:
+    """Test top-1 and ECE against images per class, one line per cell, error bars ± std over seeds."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, cell in enumerate(CELLS):
+        points = [(int(s), summary["cells"][s][cell]) for s in summary["sizes"] if cell in summary["cells"][s]]
+        if not points:
+            continue
+        xs = [s for s, _ in points]
+        for ax, key in zip(axes, ("top1", "ece")):
+            ys = [e[key]["mean"] for _, e in points]
+            err = [e[key]["std"] or 0.0 for _, e in points]
+            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, label=CELLS[cell][0],
+                        linestyle="-" if cell in CORE else ":", color=f"C{i}")
+    for ax, label in zip(axes, ("test top-1 (%)", "test ECE (%, 15 bins)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class")
+        ax.set_ylabel(label)
+        ax.set_xticks([int(s) for s in summary["sizes"]], [str(s) for s in summary["sizes"]])
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fit(study: Study, path: Path) -> None:
+    """CE's and IPS's (defaults) train top-1 and test NLL per evaluation at every size, seed 0 or the first
+    finished: whether the schedule fits the training set and where test NLL turns up."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, size in enumerate(study.args.sizes):
+        for cell, style in (("ce", "-"), ("ips", "--")):
+            saved = (load(study.path(size, cell, s)) for s in study.args.seeds)
+            run = next((r for r in saved if r is not None), None)
+            if run is None:
+                continue
+            evals = [e for e in run["run"]["epochs"] if "test" in e]
+            epochs = [e["epoch"] for e in evals]
+            axes[0].plot(epochs, [e["train_eval"]["top1"] for e in evals], style, color=f"C{i}",
+                         label=f"{size}/class, {cell}")
+            axes[1].plot(epochs, [e["test"]["nll"] for e in evals], style, color=f"C{i}", label=f"{size}/class, {cell}")
+    for ax, label in zip(axes, ("train top-1 (%, clean training set)", "test NLL")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(study: Study) -> str:
+    """Write summary.json, table.md, regimes.png and curves.png; return the table."""
+    summary = summarise(study)
+    out = Path(study.args.out)
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    text = markdown(summary)
+    (out / "table.md").write_text(text + "\n")
+    if summary["sizes"]:
+        plot_regimes(summary, out / "regimes.png")
+        plot_fit(study, out / "curves.png")
+    return text
+
+
+def main(argv=None) -> None:
+    """Run (or resume) the study, then summarise it."""
+    args = build_parser().parse_args(argv)
+    study = Study(args)
+    started = time.perf_counter()
+    if not args.report:
+        probe = train.parse_args(["--data", args.data] + (["--data-dir", args.data_dir] if args.data_dir else []))
+        data = train.load_data(probe)
+        print(f"regimes: {data.name}, sizes {args.sizes} per class, seeds {args.seeds}, {args.jobs} job(s); "
+              f"results in {study.folder}", file=sys.stderr)
+        execute(study, data.num_classes)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(report(study))
+    print(f"wall time {train.duration(time.perf_counter() - started)}; wrote {Path(args.out) / 'table.md'}, "
+          f"regimes.png, curves.png, summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The reference comparison on the full data, sized for one call on one GPU:
+# Fashion-MNIST's 60,000 training images, ResNet-18, CE / CS-KD / IPS, seed 0,
+# the device-resident pipeline (the data set, crop and flip, and the swap on
+# the GPU), bf16 autocast, channels_last. Needs python3 with a CUDA torch,
+# numpy, tqdm and matplotlib (no venv, no network), and Fashion-MNIST's four
+# .gz files in $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored;
+# `make gpu-data` copies them there from /usr/share/datasets/fashion-mnist).
+#
+#   make gpu-compare              # EPOCHS epochs (default 30: ~8 min on one H100, an estimate)
+#   EPOCHS=2 make gpu-compare     # timing: s/epoch and s/evaluation of each method, and the
+#                                 # epoch count that fits BUDGET_S seconds (default 480)
+#
+# Files go to $REPORT_DIR (default runs/gpu-compare): build.log (when it
+# builds), train.log, metrics.json, curves.png, swaps-seed0.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DIR=${REPORT_DIR:-runs/gpu-compare}
+DATA=${FASHION_MNIST_DIR:-.data/fashion-mnist}
+EPOCHS=${EPOCHS:-30}
+mkdir -p "$DIR"
+export PYTHONUNBUFFERED=1
+# The system compiler, for the reason given in gpu_check.sh.
+export CC=${IPSD_CC:-gcc} CXX=${IPSD_CXX:-g++}
+
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  echo "Fashion-MNIST is not in $DATA: run 'make gpu-data' where /usr/share/datasets/fashion-mnist exists" \
+    "and bring .data/ along with the checkout" >&2
+  exit 1
+fi
+start=$(date +%s)
+if ! $PY -c "import sys, ipsd_cuda; sys.exit(not ipsd_cuda.backends()['cuda'])" 2>/dev/null; then
+  echo "building the extension (log: $DIR/build.log)"
+  IPSD_REQUIRE_EXTENSION=1 MAX_JOBS=8 $PY -m pip install -v --no-build-isolation --no-deps -e . \
+    >"$DIR/build.log" 2>&1 || { tail -n 30 "$DIR/build.log"; exit 1; }
+fi
+build_s=$(($(date +%s) - start))
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# shellcheck disable=SC2086
+$PY -m ipsd_cuda.reference.train --data fashion-mnist --data-dir "$DATA" --method compare --seeds 0 \
+  --model resnet18 --pipeline resident --amp --channels-last --epochs "$EPOCHS" \
+  --eval-every $((EPOCHS >= 5 ? EPOCHS / 5 : 1)) --quiet --out "$DIR" ${GPU_COMPARE_ARGS:-} 2>&1 |
+  tee "$DIR/train.log"
+echo "build ${build_s} s, whole call $(($(date +%s) - start)) s"
+$PY scripts/epochs_for_budget.py "$DIR/metrics.json" --build-s "$build_s" --budget-s "${BUDGET_S:-480}"
