@@ -191,8 +191,10 @@ def defer_error(error: torch.Tensor, draw: _Draw, n: int) -> None:
         return
     host = torch.empty((), dtype=torch.int64, pin_memory=True)
     host.copy_(error, non_blocking=True)
+    # On the stream that ran the copy: that of the error's device, which need
+    # not be the current device.
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(error.device))
     _unchecked.append((host, event, n))
 
 

@@ -50,19 +50,20 @@ echo "links: $(readelf -d ipsd_cuda/_C*.so | grep -o 'NEEDED.*' | grep -oE '\[[^
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 step tests "$DIR/tests.log" env IPSD_EXPECT_KERNELS=cpu,cuda HYPOTHESIS_PROFILE=ci \
-  $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short "${PARALLEL[@]}"
-if command -v compute-sanitizer >/dev/null; then
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short ${PARALLEL[@]+"${PARALLEL[@]}"}
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SANITIZER" ]; then
   for tool in memcheck initcheck; do
-    step "$tool" "$DIR/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
+    step "$tool" "$DIR/sanitizer.log" timeout 120 "$SANITIZER" --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
   done
 else
-  echo "sanitizer  skipped: no compute-sanitizer on PATH" | tee -a "$REPORT"
+  echo "sanitizer  FAILED: no compute-sanitizer on PATH or in CUDA_HOME" | tee -a "$REPORT"
 fi
-step bench "$DIR/bench.log" $PY -m pytest bench -q -p no:cacheprovider -m cuda \
+step bench "$DIR/bench.log" timeout 150 $PY -m pytest bench -q -p no:cacheprovider -m cuda \
   --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
 $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
 # Per-call times over many calls (no sync inside), graph replay, launches.
-step timing "$DIR/bench.log" $PY bench/cuda_timing.py
+step timing "$DIR/bench.log" timeout 60 $PY bench/cuda_timing.py
 sed -n '/^| input/,$p' "$DIR/bench.log" >>"$REPORT"
 
 echo "--- tests"
