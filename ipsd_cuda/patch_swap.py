@@ -15,6 +15,7 @@ from .plan import (
     defer_error,
     draw_keys,
     grid_for,
+    partner_mates,
     patch_pair,
     raise_deferred,
 )
@@ -188,16 +189,9 @@ def _check_plan(plan: SwapPlan, n: int, grid, device: torch.device) -> None:
         return
     # A plan from outside make_plan is checked eagerly, to say what is wrong
     # with it rather than apply what the backends make of it.
-    pos = torch.arange(n, device=device)
-    in_range = (partner >= -1) & (partner < n) & (partner != pos)
-    mate = torch.where(in_range & (partner >= 0), partner, pos)  # unpaired: itself
+    valid, mate = partner_mates(partner)
     moves = mask.flatten(1)
-    valid = (
-        in_range
-        & (mate[mate] == pos)
-        & (moves == moves[mate]).all(dim=1)
-        & ((partner >= 0) | ~moves.any(dim=1))
-    )
+    valid &= (moves == moves[mate]).all(dim=1) & ((partner >= 0) | ~moves.any(dim=1))
     invalid = (~valid).nonzero()
     if invalid.numel():
         i = int(invalid[0, 0])

@@ -54,6 +54,47 @@ class SwapPlan:
         """The same plan with its tensors on ``device``."""
         return SwapPlan(self.partner.to(device), self.mask.to(device))
 
+    def __repr__(self) -> str:
+        """A one-line summary instead of the tensors (hundreds of lines for a real batch).
+
+        On the CPU it counts the ``pairs``, the ``active`` pairs (those that
+        exchange cells) and the ``cells`` exchanged (per pair, counted once).
+        On other devices it shows only what the shapes say, since reading
+        the counts from a GPU would synchronise it, e.g. when a training loop
+        logs the plan; ``plan.to("cpu")`` shows them.
+
+        Example:
+            >>> import torch, ipsd_cuda
+            >>> ipsd_cuda.make_plan(torch.tensor([0, 1, 0, 1, 2]), (2, 2), p=1.0)
+            SwapPlan(N=5, grid=(2, 2), pairs=2, active=2, cells=4, device=cpu)
+        """
+        partner, mask = self.partner, self.mask
+        shaped = (
+            isinstance(partner, torch.Tensor)
+            and isinstance(mask, torch.Tensor)
+            and partner.dim() == 1
+            and mask.dim() == 3
+            and mask.shape[0] == partner.shape[0]
+        )
+        if not shaped:
+            # A hand-built plan that apply_plan would reject: say what it holds.
+            return f"SwapPlan(partner={_describe(partner)}, mask={_describe(mask)})"
+        head = f"SwapPlan(N={partner.shape[0]}, grid={self.grid}"
+        if partner.device.type != "cpu" or mask.device.type != "cpu":
+            return f"{head}, device={partner.device})"
+        paired = partner >= 0
+        pairs = int(paired.sum()) // 2
+        active = int((paired & mask.flatten(1).any(dim=1)).sum()) // 2
+        cells = int(mask[paired].sum()) // 2
+        return f"{head}, pairs={pairs}, active={active}, cells={cells}, device=cpu)"
+
+
+def _describe(value) -> str:
+    """A tensor as its shape, dtype and device; anything else as its repr."""
+    if isinstance(value, torch.Tensor):
+        return f"<{tuple(value.shape)} {value.dtype} on {value.device}>"
+    return repr(value)
+
 
 def patch_pair(patch_size: PatchSize) -> Tuple[int, int]:
     """``patch_size`` as ``(ph, pw)``, checked: an int or a pair of ints, each >= 1."""
@@ -114,6 +155,23 @@ def check_labels(labels, n: Optional[int] = None, device: Optional[torch.device]
         raise ValueError(f"labels must have length N = {n}, got {labels.shape[0]}")
     if device is not None and labels.device != device:
         raise ValueError(f"labels must be on the images' device {device}, got {labels.device}")
+
+
+def partner_mates(partner: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where ``partner`` is a valid pairing, and each sample's mate.
+
+    Returns:
+        ``(valid, mate)``, both ``(N,)``: ``valid[i]`` holds when
+        ``partner[i]`` is -1, or another sample ``j`` in ``[0, N)`` with
+        ``partner[j] == i``; ``mate[i]`` is ``partner[i]`` where that is an
+        index in range, else ``i`` itself. Computed on the partner's device,
+        without synchronising it.
+    """
+    n = partner.shape[0]
+    pos = torch.arange(n, device=partner.device)
+    in_range = (partner >= -1) & (partner < n) & (partner != pos)
+    mate = torch.where(in_range & (partner >= 0), partner, pos)
+    return in_range & (mate[mate] == pos), mate
 
 
 def check_generator(generator, device: torch.device) -> None:

@@ -310,3 +310,62 @@ def test_partner_on_another_device():
     logits, labels, partner = good_inputs()
     with pytest.raises(ValueError, match="partner must be on the logits' device"):
         ips_loss(logits.cuda(), labels.cuda(), partner)
+
+
+def _bad_pairing(kind, n=8):
+    """Logits and labels of a valid pairing, then ``partner`` broken in one way."""
+    logits, labels, partner = random_pairs(n, 3, 0.0, 4, 2.0, seed=int(torch.randint(0, 2**31, ())))
+    i = int((partner >= 0).nonzero()[0, 0])
+    j = int(partner[i])
+    unpaired = int((partner < 0).nonzero()[0, 0])
+    if kind == "out of range":
+        partner[i] = n
+    elif kind == "below -1":
+        partner[i] = -2
+    elif kind == "fixed point":
+        partner[unpaired] = unpaired
+    elif kind == "one-sided":
+        partner[unpaired] = i
+    elif kind == "labels differ":
+        labels[j] = labels[i] + 1
+    return logits, labels, partner
+
+
+BAD_PAIRINGS = [
+    ("out of range", r"partner is not a pairing at sample \d+: partner\[\d+\] = 8;"),
+    ("below -1", r"partner is not a pairing at sample \d+: partner\[\d+\] = -2;"),
+    ("fixed point", r"partner is not a pairing at sample (\d+): partner\[\1\] = \1;"),
+    ("one-sided", r"partner is not a pairing at sample \d+: partner\[\d+\] = \d+, but partner\[\d+\] = \d+"),
+    ("labels differ", r"partner pairs samples of different labels: partner\[\d+\] = \d+, but labels"),
+]
+
+
+@pytest.mark.parametrize("kind, message", BAD_PAIRINGS, ids=[c[0] for c in BAD_PAIRINGS])
+def test_partner_is_checked_on_cpu(kind, message):
+    logits, labels, partner = _bad_pairing(kind)
+    with pytest.raises(ValueError, match=message):
+        ips_loss(logits, labels, partner)
+    with pytest.raises(ValueError, match=message):
+        IPSLoss()(logits, labels, partner)
+
+
+@pytest.mark.parametrize("kind", [k for k, _ in BAD_PAIRINGS if k not in ("out of range", "below -1")])
+def test_partner_check_can_be_skipped(kind):
+    """check_partner=False trusts the partner (in-range values only: the loss indexes with them)."""
+    logits, labels, partner = _bad_pairing(kind)
+    assert torch.isfinite(ips_loss(logits, labels, partner, check_partner=False))
+    assert torch.isfinite(IPSLoss(check_partner=False)(logits, labels, partner))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_partner_is_checked_on_cuda_only_when_asked():
+    logits, labels, partner = (t.cuda() for t in _bad_pairing("labels differ"))
+    assert torch.isfinite(ips_loss(logits, labels, partner))
+    with pytest.raises(ValueError, match="partner pairs samples of different labels"):
+        ips_loss(logits, labels, partner, check_partner=True)
+
+
+def test_check_partner_must_be_a_bool_or_none():
+    logits, labels, partner = good_inputs()
+    with pytest.raises(TypeError, match="check_partner must be True, False or None"):
+        ips_loss(logits, labels, partner, check_partner=1)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ipsd_cuda
-from conftest import DEVICES
+from conftest import DEVICES, HAS_CUDA
 
 
 def check_plan_properties(plan, labels, grid, k_expected=None):
@@ -155,3 +155,39 @@ def test_plan_to_moves_both_tensors():
     moved = plan.to("meta")
     assert moved.partner.device.type == "meta" and moved.mask.device.type == "meta"
     assert plan.grid == (2, 2)
+
+
+def test_repr_summarises_a_cpu_plan():
+    n = int(torch.randint(200, 300, ()))
+    labels = torch.randint(0, 10, (n,))
+    plan = ipsd_cuda.make_plan(labels, (8, 8))
+    paired = plan.partner >= 0
+    active = int((plan.mask.flatten(1).any(dim=1) & paired).sum()) // 2
+    assert 0 < active < int(paired.sum()) // 2
+    text = repr(plan)
+    assert text == (
+        f"SwapPlan(N={n}, grid=(8, 8), pairs={int(paired.sum()) // 2}, active={active}, "
+        f"cells={32 * active}, device=cpu)"
+    )
+    empty = ipsd_cuda.make_plan(torch.zeros(0, dtype=torch.long), (2, 3))
+    assert repr(empty) == "SwapPlan(N=0, grid=(2, 3), pairs=0, active=0, cells=0, device=cpu)"
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))])
+def test_repr_of_a_device_plan_reads_only_shapes(device):
+    """Counting would read the tensors back, synchronising a GPU; the repr says what the shapes say."""
+    plan = ipsd_cuda.make_plan(torch.tensor([0, 0, 1, 1, 2]), (3, 4)).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        text = repr(plan)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert text == f"SwapPlan(N=5, grid=(3, 4), device={plan.partner.device})"
+
+
+def test_repr_of_a_malformed_plan_does_not_raise():
+    plan = ipsd_cuda.SwapPlan(torch.tensor([1, 0]), [[True]])
+    assert repr(plan) == "SwapPlan(partner=<(2,) torch.int64 on cpu>, mask=[[True]])"
