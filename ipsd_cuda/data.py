@@ -6,9 +6,10 @@ training loop's critical path: the model's device never sees the clean batch.
 
 from typing import Callable, Optional
 
+import torch
 from torch.utils.data import default_collate
 
-from .patch_swap import swap
+from .patch_swap import check_layout, swap
 from .plan import PatchSize, check_plan_args, patch_pair
 
 
@@ -16,8 +17,10 @@ class PatchSwapCollate:
     """Collate ``(image, label)`` samples, then swap patches within the batch, in place.
 
     The samples are collated by ``collate_fn`` into ``(images, labels)`` and
-    :func:`swap` is applied to the CPU batch (uint8 or floating-point images,
-    contiguous or channels_last) in the worker that built it. Each batch
+    :func:`swap` is applied to the CPU batch (uint8, float16, bfloat16,
+    float32 or float64 images, contiguous or channels_last) in the worker
+    that built it. Samples must be ``(C, H, W)``: ``(H, W, C)`` ones, such as
+    numpy images without torchvision's ``ToTensor()``, are an error. Each batch
     comes back as ``(images, labels, plan)``; ``plan.partner`` feeds
     :func:`ips_loss` once the batch is on the model's device.
 
@@ -110,6 +113,13 @@ class PatchSwapCollate:
                 + (f" of length {len(collated)}" if isinstance(collated, (tuple, list)) else "")
             )
         images, labels = collated
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            # Before swap's own check, to say what to change in a data pipeline.
+            check_layout(
+                images,
+                "make each sample (C, H, W), e.g. with torchvision's PILToTensor() or ToTensor(), "
+                "or torch.from_numpy(array).permute(2, 0, 1)",
+            )
         plan = swap(
             images,
             labels,

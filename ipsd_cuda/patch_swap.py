@@ -1,5 +1,6 @@
 """The in-place intra-class patch swap: check everything, draw a plan, apply it."""
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -50,7 +51,41 @@ def _check_swappable(name: str, t, dtypes, ranks=(3, 4), shape=None, device=None
     if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
         raise ValueError(
             f"{name} must be contiguous or channels_last to be swapped in place "
-            f"(strides {t.stride()} are overlapping or not dense): pass {name}.contiguous()"
+            f"(strides {t.stride()} are overlapping or not dense). {name}.contiguous() is a copy: "
+            "swap the copy and use it, since the swap will not reach the original"
+        )
+
+
+def check_layout(images: torch.Tensor, fix: str) -> None:
+    """Raise if ``images``, meant as ``(N, C, H, W)``, look like ``(N, H, W, C)``.
+
+    The likely case only: a last size of 1, 3 or 4 (gray, RGB, RGBA) with
+    the two sizes before it both more than 4 times larger, as in
+    ``(N, 32, 32, 3)``. Channels-first batches such as ``(N, 3, 32, 32)``,
+    ``(N, 64, 4, 4)`` or tiny ``(N, 8, 8, 3)`` ones pass: where a batch
+    could be either, it is taken as given. ``fix`` says what to do instead.
+    """
+    _, c, h, w = images.shape
+    if w in (1, 3, 4) and min(c, h) > 4 * w:
+        raise ValueError(
+            f"images of shape {tuple(images.shape)} look like (N, H, W, C) with {w} channels of "
+            f"{c} x {h} pixels, but swap takes (N, C, H, W) and would exchange patches across "
+            f"channels: {fix}. If they really are {c} channels of {h} x {w} pixels, draw the plan "
+            "with make_plan and apply it with apply_plan, which take the layout as given"
+        )
+
+
+def _warn_if_one_cell(patch_size, h: int, w: int, grid) -> None:
+    """Warn when the patch covers the whole image: one cell, nothing can swap."""
+    if tuple(grid) == (1, 1):
+        # stacklevel 3 is the caller of swap: under Python's default warning
+        # filter this shows once per calling line, not once per batch.
+        warnings.warn(
+            f"patch_size={patch_size!r} covers the whole {h} x {w} image: the grid has one cell, "
+            "and a pair exchanges at most G - 1 of its G cells, so nothing is swapped. "
+            "Use a patch smaller than the image.",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -103,14 +138,19 @@ def swap(
     Draws a plan with :func:`make_plan` and applies it to ``images`` and to
     every tensor in ``targets``, on their own device. Labels never change:
     both members of a pair share the class. Every argument is checked before
-    any memory is touched.
+    any memory is touched. The swap writes into the tensors' memory: a view
+    of a data set (``data[:64]``) swaps the data set itself.
 
     Args:
         images: ``(N, C, H, W)`` uint8/float16/bfloat16/float32/float64,
-            contiguous or channels_last (it keeps its layout).
+            contiguous or channels_last (it keeps its layout). A batch that
+            looks like ``(N, H, W, C)``, e.g. ``(N, 32, 32, 3)``, is an error
+            (pass ``images.permute(0, 3, 1, 2)``).
         labels: ``(N,)`` int32/int64 on the same device.
         patch_size: ``P`` or ``(ph, pw)``; the grid is ``ceil(H/ph) x ceil(W/pw)``
-            cells, the last row and column possibly partial.
+            cells, the last row and column possibly partial. A patch that
+            covers the whole image leaves one cell and nothing to swap: a
+            ``UserWarning`` says so.
         swap_ratio: fraction of the cells a pair exchanges (default 0.5).
         alpha: if given, the fraction is drawn per pair from ``Beta(alpha, alpha)``.
         p: probability that a pair exchanges anything (default 0.5, which
@@ -138,6 +178,7 @@ def swap(
         torch.Size([8, 4, 4])
     """
     _check_swappable("images", images, IMAGE_DTYPES, ranks=(4,))
+    check_layout(images, "pass images.permute(0, 3, 1, 2), a channels_last view of the same memory")
     n, _, h, w = images.shape
     check_labels(labels, n, images.device)
     written = [("images", images)]
@@ -152,6 +193,7 @@ def swap(
     kernel = _ops.use_kernel(backend, images.device)
     raise_deferred()
     grid = grid_for(images, (ph, pw))
+    _warn_if_one_cell(patch_size, h, w, grid)
     draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
     ph, pw = _clip_patch(ph, pw, h, w)
     args = (draw.keys, draw.pair_k, draw.k, draw.threshold)

@@ -1,5 +1,7 @@
 """Applying a plan: kernel == fallback == a plain loop, to the bit, on fresh random inputs."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -151,9 +153,24 @@ def test_single_cell_grid_moves_nothing(device):
     g = torch.Generator().manual_seed(0)
     images = random_bits((6, 3, 8, 8), torch.uint8, generator=g, device=device)
     before = images.clone()
-    plan = ipsd_cuda.swap(images, torch.zeros(6, dtype=torch.long, device=device), patch_size=8)
+    with pytest.warns(UserWarning, match="patch_size=8 covers the whole 8 x 8 image"):
+        plan = ipsd_cuda.swap(images, torch.zeros(6, dtype=torch.long, device=device), patch_size=8)
     assert (plan.partner >= 0).all() and not plan.mask.any()
     assert same_bits(images, before)
+
+
+def test_single_cell_warning_shows_once_per_call_site():
+    """Under Python's default filter a loop over batches warns once, not per batch;
+    a patch that leaves two cells does not warn."""
+    images = torch.rand(4, 1, 6, 5)
+    labels = torch.tensor([0, 0, 1, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            ipsd_cuda.swap(images, labels, patch_size=(6, 5))
+        ipsd_cuda.swap(images, labels, patch_size=(3, 5))
+    assert [str(w.message)[:40] for w in caught] == ["patch_size=(6, 5) covers the whole 6 x 5"]
+    assert caught[0].filename == __file__
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -165,7 +182,8 @@ def test_patch_larger_than_any_index(device, backend):
     x = random_bits((4, 2, 5, 6), torch.float32, generator=torch.Generator().manual_seed(0), device=device)
     before = x.clone()
     labels = torch.zeros(4, dtype=torch.long, device=device)
-    plan = ipsd_cuda.swap(x, labels, patch_size=(2**70, 2**63 - 1), backend=backend)
+    with pytest.warns(UserWarning, match="covers the whole 5 x 6 image"):
+        plan = ipsd_cuda.swap(x, labels, patch_size=(2**70, 2**63 - 1), backend=backend)
     assert plan.grid == (1, 1) and same_bits(x, before)
     plan = ipsd_cuda.swap(x, labels, patch_size=(2, 2**63), backend=backend)
     assert plan.grid == (3, 1) and same_bits(x, reference_apply(before, plan, (2, 2**63)))

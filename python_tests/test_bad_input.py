@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ipsd_cuda
-from conftest import HAS_CUDA, random_bits, same_bits
+from conftest import HAS_CUDA, random_bits, reference_apply, same_bits
 
 N, C, H, W = 6, 3, 10, 12
 
@@ -191,3 +191,60 @@ def test_kernel_backend_without_kernel_says_how_to_build(monkeypatch):
     assert same_bits(images, before)
     # "auto" quietly falls back.
     ipsd_cuda.swap(images, labels, patch_size=4, backend="auto")
+
+
+CHANNELS_LAST_SHAPES = [(8, 32, 32, 3), (8, 28, 28, 1), (4, 64, 48, 4), (2, 224, 224, 3), (4, 16, 20, 3)]
+# Channels-first batches that share a size with an image layout, tiny ones
+# included: where a batch could be either, it is taken as (N, C, H, W).
+CHANNELS_FIRST_SHAPES = [(8, 3, 32, 32), (8, 1, 28, 28), (4, 64, 4, 4), (4, 3, 4, 4), (4, 8, 8, 3), (4, 4, 4, 3), (4, 3, 32, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=str)
+def test_swap_rejects_images_that_look_channels_last(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    images = random_bits(shape, dtype, generator=g)
+    labels = torch.randint(0, 2, (shape[0],), generator=g)
+    before = images.clone()
+    with pytest.raises(ValueError, match=r"look like \(N, H, W, C\).*images.permute\(0, 3, 1, 2\)"):
+        ipsd_cuda.swap(images, labels, patch_size=4)
+    assert same_bits(images, before)
+
+
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES[:2], ids=str)
+def test_permuted_channels_last_images_swap_in_place(shape):
+    """The error's advice works: the permuted view is swapped, in the caller's memory."""
+    g = torch.Generator().manual_seed(1)
+    nhwc = random_bits(shape, torch.float32, generator=g)
+    before = nhwc.clone()
+    labels = torch.tensor([0, 1] * (shape[0] // 2))
+    plan = ipsd_cuda.swap(nhwc.permute(0, 3, 1, 2), labels, patch_size=4, p=1.0)
+    assert plan.grid == (shape[1] // 4, shape[2] // 4) and plan.mask.any()
+    assert same_bits(nhwc, reference_apply(before.permute(0, 3, 1, 2), plan, 4).permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("shape", CHANNELS_FIRST_SHAPES, ids=str)
+def test_swap_takes_channels_first_images_as_given(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    images = random_bits(shape, torch.uint8, generator=g)
+    before = images.clone()
+    labels = torch.tensor([0, 1] * (shape[0] // 2))
+    plan = ipsd_cuda.swap(images, labels, patch_size=2, p=1.0)
+    assert plan.mask.any()
+    assert same_bits(images, reference_apply(before, plan, 2))
+
+
+def test_make_plan_and_apply_plan_take_any_layout_as_given():
+    """The way out the error names, for a batch that really is 32 channels of 32 x 3 pixels."""
+    g = torch.Generator().manual_seed(2)
+    images = random_bits((4, 32, 32, 3), torch.float32, generator=g)
+    before = images.clone()
+    plan = ipsd_cuda.make_plan(torch.tensor([0, 0, 1, 1]), ipsd_cuda.grid_for(images, 2), p=1.0)
+    ipsd_cuda.apply_plan(images, plan, patch_size=2)
+    assert same_bits(images, reference_apply(before, plan, 2))
+
+
+def test_non_dense_error_says_contiguous_is_a_copy():
+    images, labels, _ = fresh()
+    with pytest.raises(ValueError, match=r"images.contiguous\(\) is a copy: swap the copy and use it"):
+        ipsd_cuda.swap(images[..., ::2], labels, patch_size=4)

@@ -2,6 +2,8 @@
 
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -158,3 +160,18 @@ def test_batch_that_is_not_image_label_pairs():
     triples = [(torch.zeros(3, 4, 4), 0, "extra")] * 2
     with pytest.raises(TypeError, match=r"\(images, labels\)"):
         PatchSwapCollate(2)(triples)
+
+
+@pytest.mark.parametrize("to_sample", [lambda a: a, torch.from_numpy], ids=["numpy", "tensor"])
+def test_channels_last_samples_are_an_error_that_names_the_fix(to_sample):
+    """(H, W, C) uint8 samples, as from images read without ToTensor(): an error, data untouched."""
+    arrays = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8).numpy()
+    pristine = arrays.copy()
+    samples = [(to_sample(a), i % 2) for i, a in enumerate(arrays)]
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\).*make each sample \(C, H, W\).*ToTensor"):
+        PatchSwapCollate(4)(samples)
+    assert np.array_equal(arrays, pristine)
+    # The fix the message names: channels-first samples swap as usual.
+    chw = [(torch.from_numpy(a).permute(2, 0, 1), y) for a, y in zip(arrays, [0, 1] * 3)]
+    _, _, plan = PatchSwapCollate(4, p=1.0)(chw)
+    assert plan.grid == (8, 8) and plan.mask.any()
