@@ -1,9 +1,12 @@
 """Build ipsd_cuda's extension: always the CPU kernel, the CUDA kernel when it can be built.
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``), so that the
-extension is compiled against the torch already installed. Environment:
+extension is compiled against the torch already installed. The CUDA kernel
+is built whenever torch is a CUDA build and a CUDA toolkit (``nvcc``) is
+found; no GPU is needed for that. Environment:
 
-- ``FORCE_CUDA=1``: build the CUDA kernel even without a visible GPU.
+- ``FORCE_CUDA=1``: a CUDA build is required: a missing toolkit or a CPU-only
+  torch stops the build instead of building the CPU kernel only.
 - ``USE_CUDA=0``: build the CPU kernel only.
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures; without a visible GPU the
   default is ``7.5;8.0;9.0+PTX``.
@@ -96,6 +99,8 @@ def want_cuda():
     if env_flag("FORCE_CUDA"):
         if CUDA_HOME is None:
             sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME.")
+        if torch.version.cuda is None:
+            sys.exit(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build: install a CUDA build of torch.")
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None
 

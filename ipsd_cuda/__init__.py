@@ -9,7 +9,7 @@ device ("Intra-class Patch Swap for Self-Distillation", Choi et al., arXiv
     loss = ipsd_cuda.ips_loss(model(images), labels, plan.partner)
 """
 
-from ._ops import backends
+from ._ops import backends, kernel_available
 from .data import PatchSwapCollate
 from .loss import IPSLoss, IPSLossParts, ips_loss
 from .patch_swap import apply_plan, swap
@@ -26,6 +26,7 @@ __all__ = [
     "backends",
     "grid_for",
     "ips_loss",
+    "kernel_available",
     "make_plan",
     "swap",
 ]

@@ -23,7 +23,12 @@ if os.environ.get("IPSD_FORCE_FALLBACK") != "1":
 
 
 def backends() -> dict:
-    """Which kernels this installation has, per device type.
+    """Which kernels were compiled into this installation, per device type.
+
+    ``"cuda": True`` means the CUDA kernel was built, not that it can run
+    here: the machine may have no GPU, or a driver too old for the toolkit
+    it was built with. :func:`kernel_available` says whether a swap on a
+    given device will use a kernel.
 
     Returns:
         ``{"cpu": bool, "cuda": bool}``. Both are False when the extension was
@@ -36,6 +41,32 @@ def backends() -> dict:
         {'cpu': True, 'cuda': True}
     """
     return {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
+
+
+def kernel_available(device) -> bool:
+    """Whether a swap of tensors on ``device`` runs a kernel (else the fallback).
+
+    True when the kernel for the device's type was built (:func:`backends`)
+    and the device exists: for CUDA, torch must see a GPU with that index.
+    A GPU whose architecture the build left out of ``TORCH_CUDA_ARCH_LIST``
+    still counts as available; its first swap then fails with CUDA's "no
+    kernel image is available for execution on the device".
+
+    Args:
+        device: a ``torch.device``, a string such as ``"cpu"`` or
+            ``"cuda:1"``, or a tensor (its device).
+
+    Example:
+        >>> import ipsd_cuda
+        >>> ipsd_cuda.kernel_available("cpu") == ipsd_cuda.backends()["cpu"]
+        True
+    """
+    device = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+    if not backends().get(device.type, False):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return True
 
 
 BACKENDS = ("auto", "kernel", "torch")
@@ -53,7 +84,12 @@ def use_kernel(backend: str, device: torch.device) -> bool:
         raise RuntimeError(
             f"backend='kernel' but ipsd_cuda has no {device.type} kernel "
             f"(built: {backends()}); reinstall with `pip install --no-build-isolation .`"
-            + (" on a machine with nvcc, or FORCE_CUDA=1" if device.type == "cuda" else "")
+            + (
+                " with a CUDA build of torch and the CUDA toolkit (nvcc) installed; FORCE_CUDA=1 "
+                "makes a missing toolkit a build error instead of a CPU-only build"
+                if device.type == "cuda"
+                else ""
+            )
         )
     return False
 

@@ -90,4 +90,4 @@ def reference_apply(x, plan, patch_size):
 
 
 def kernel_available(device):
-    return ipsd_cuda.backends()[torch.device(device).type]
+    return ipsd_cuda.kernel_available(device)

@@ -112,6 +112,27 @@ def test_backends_reports_build():
         assert built == want, f"built {built}, IPSD_EXPECT_KERNELS={expected}"
 
 
+def test_kernel_available_means_built_and_present(monkeypatch):
+    """backends() says what was compiled; kernel_available says what a swap will run."""
+    from ipsd_cuda import _ops
+
+    built = ipsd_cuda.backends()
+    assert ipsd_cuda.kernel_available("cpu") == built["cpu"]
+    assert ipsd_cuda.kernel_available(torch.zeros(1)) == built["cpu"]
+    assert ipsd_cuda.kernel_available("cuda") == (built["cuda"] and torch.cuda.is_available())
+    assert not ipsd_cuda.kernel_available("meta")
+    # A CUDA kernel compiled on a machine without a GPU: built, not available.
+    monkeypatch.setattr(_ops, "backends", lambda: {"cpu": True, "cuda": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ipsd_cuda.kernel_available("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ipsd_cuda.kernel_available("cuda") and ipsd_cuda.kernel_available(torch.device("cuda", 1))
+    assert not ipsd_cuda.kernel_available("cuda:2")
+    monkeypatch.setattr(_ops, "backends", lambda: {"cpu": False, "cuda": False})
+    assert not ipsd_cuda.kernel_available("cpu") and not ipsd_cuda.kernel_available("cuda:0")
+
+
 def _run_python(code, **env):
     return subprocess.run(
         [sys.executable, "-W", "always", "-c", code],
