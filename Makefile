@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Lint rules change between ruff releases: pinned, so a push fails only for its own code.
+TOOL_PINS := ruff==0.17.6 build
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: help install test compare regimes bench gpu-data gpu-check gpu-compare clean
+.PHONY: help install test lint sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
 
 help:
 	@echo "make compare      CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
 	@echo "make test         build the extension and run the test suite"
+	@echo "make lint         ruff check"
+	@echo "make sdist-check  sdist -> wheel (CPU kernel) -> fresh venv outside the checkout -> kernel swap (~2-5 min)"
 	@echo "make regimes      the regime study: 50 / 100 / 500 images per class, ablations, 3 seeds (~2 h, resumable)"
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
@@ -31,11 +35,22 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+$(VENV)/.tools: | $(BIN)/python
+	$(BIN)/pip install -q $(TOOL_PINS)
+	touch $@
+
 install: $(VENV)/.built
 
 test: install
 	$(BIN)/python -c "import ipsd_cuda; print('ipsd_cuda kernels built:', ipsd_cuda.backends())"
 	$(BIN)/python -m pytest
+
+lint: $(VENV)/.tools
+	$(BIN)/ruff check .
+
+# How an index or a cluster installs the package: see scripts/check_sdist.sh.
+sdist-check: $(VENV)/.deps $(VENV)/.tools
+	PYTHON=$(BIN)/python bash scripts/check_sdist.sh
 
 $(FASHION_MNIST):
 	@command -v apt-get >/dev/null || { echo "Fashion-MNIST is missing: put its four idx .gz files in $@"; exit 1; }

@@ -196,7 +196,15 @@ def test_kernel_backend_without_kernel_says_how_to_build(monkeypatch):
 CHANNELS_LAST_SHAPES = [(8, 32, 32, 3), (8, 28, 28, 1), (4, 64, 48, 4), (2, 224, 224, 3), (4, 16, 20, 3)]
 # Channels-first batches that share a size with an image layout, tiny ones
 # included: where a batch could be either, it is taken as (N, C, H, W).
-CHANNELS_FIRST_SHAPES = [(8, 3, 32, 32), (8, 1, 28, 28), (4, 64, 4, 4), (4, 3, 4, 4), (4, 8, 8, 3), (4, 4, 4, 3), (4, 3, 32, 3)]
+CHANNELS_FIRST_SHAPES = [
+    (8, 3, 32, 32),
+    (8, 1, 28, 28),
+    (4, 64, 4, 4),
+    (4, 3, 4, 4),
+    (4, 8, 8, 3),
+    (4, 4, 4, 3),
+    (4, 3, 32, 3),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)

@@ -173,7 +173,9 @@ def test_repr_summarises_a_cpu_plan():
     assert repr(empty) == "SwapPlan(N=0, grid=(2, 3), pairs=0, active=0, cells=0, device=cpu)"
 
 
-@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))])
+@pytest.mark.parametrize(
+    "device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
+)
 def test_repr_of_a_device_plan_reads_only_shapes(device):
     """Counting would read the tensors back, synchronising a GPU; the repr says what the shapes say."""
     plan = ipsd_cuda.make_plan(torch.tensor([0, 0, 1, 1, 2]), (3, 4)).to(device)
