@@ -4,7 +4,7 @@ Random intra-class pairing inside an ordinary shuffled batch leaves many
 samples without a partner when the classes are many and the batch is small.
 This sampler guarantees one: each batch is ``B`` anchors followed by ``B``
 partners drawn from the anchors' classes, which is the layout that
-``pairing="halves"`` expects (SPEC section 5).
+``pairing="halves"`` expects (``docs/contract.md``, section 6).
 """
 
 import math

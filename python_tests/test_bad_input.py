@@ -1,4 +1,4 @@
-"""Every misuse raises a clear ValueError/TypeError before any byte changes (SPEC §6)."""
+"""Every misuse raises a clear ValueError/TypeError before any byte changes (docs/contract.md, section 9)."""
 
 import pytest
 import torch

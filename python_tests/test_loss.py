@@ -12,7 +12,7 @@ from ipsd_cuda.loss import IPSLoss, IPSLossParts, ips_loss
 
 
 def reference_loss(logits, labels, partner, temperature, kd_weight):
-    """SPEC section 4 as plainly as possible, in float64: a loop over the pairs."""
+    """docs/contract.md section 5 as plainly as possible, in float64: a loop over the pairs."""
     z = logits.double()
     y = labels.tolist()
     zero = z.sum() * 0.0

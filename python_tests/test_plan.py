@@ -1,4 +1,4 @@
-"""The plan: pairing, cell selection, reproducibility (SPEC §2)."""
+"""The plan: pairing, cell selection, reproducibility (docs/contract.md, sections 2 and 3)."""
 
 from collections import Counter
 

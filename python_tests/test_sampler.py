@@ -1,4 +1,4 @@
-"""The intra-class pair sampler: every property of SPEC section 5, single process and distributed."""
+"""The intra-class pair sampler: every property of docs/contract.md section 6, single process and distributed."""
 
 import math
 import time

@@ -13,7 +13,7 @@
 #   scripts/check_sdist.sh        # or: make sdist-check
 #
 # PYTHON: the interpreter with torch and the build tools (default .venv/bin/python).
-# TORCH_SPEC: what to install as torch in the fresh environment (default: the
+# TORCH_REQUIREMENT: what to install as torch in the fresh environment (default: the
 # version PYTHON has, without its local label such as +cu130).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +38,10 @@ diff -u "$WORK/expected" "$WORK/shipped" || { echo "the sdist differs from the s
 echo "  $(wc -l <"$WORK/shipped") files, as expected"
 "$PY" -m zipfile -l "$WHEEL" | grep -E 'ipsd_cuda/_C\.[^ ]*\.so ' >/dev/null || { echo "the wheel has no compiled extension"; exit 1; }
 
-TORCH_SPEC=${TORCH_SPEC:-torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
-step "fresh environment outside the checkout: $TORCH_SPEC + the wheel"
+TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
+step "fresh environment outside the checkout: $TORCH_REQUIREMENT + the wheel"
 "$PY" -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q "$TORCH_SPEC" "$WHEEL" >"$WORK/install.log" 2>&1 ||
+"$WORK/venv/bin/pip" install -q "$TORCH_REQUIREMENT" "$WHEEL" >"$WORK/install.log" 2>&1 ||
   { grep -v 'is ignored' "$WORK/install.log" | tail -n 20; exit 1; }
 
 step "import, kernel swap, console script"
