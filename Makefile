@@ -19,7 +19,7 @@ help:
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
 	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"
-	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~8 min); python3, no venv"
+	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~7 min on an H200); python3, no venv"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
