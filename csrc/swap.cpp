@@ -202,6 +202,35 @@ PlanArgs check_plan_args(
       pair_k.has_value() ? pair_k->data_ptr<int64_t>() : nullptr};
 }
 
+SwapArgs check_swap_args(
+    const at::Tensor& x,
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t patch_h,
+    int64_t patch_w,
+    bool halves,
+    int64_t max_unit_bytes) {
+  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
+  TORCH_CHECK_VALUE(
+      labels.dim() == 1 && labels.size(0) == x.size(0),
+      "labels must have shape (",
+      x.size(0),
+      ",), got ",
+      labels.sizes());
+  SwapArgs args{
+      check_plan_args(
+          labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, x.device()),
+      grid_h,
+      grid_w,
+      SwapLayout{},
+      0};
+  args.unit = layout_of(x, patch_h, patch_w, max_unit_bytes, &args.layout);
+  return args;
+}
+
 PlanTensors empty_plan(
     const at::Tensor& labels, int64_t grid_h, int64_t grid_w) {
   const int64_t n = labels.size(0);

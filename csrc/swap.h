@@ -63,6 +63,31 @@ PlanArgs check_plan_args(
     bool halves,
     const c10::Device& device);
 
+// What the swap_ op's kernels need, checked by check_swap_args: the plan's
+// arguments, x's grid, and x as a layout with its unit (0: nothing to move).
+struct SwapArgs {
+  PlanArgs plan;
+  int64_t grid_h;
+  int64_t grid_w;
+  SwapLayout layout;
+  int64_t unit;
+};
+
+// Checks the arguments of the swap_ op (x as for layout_of, labels with one
+// label per sample, the rest as for check_plan_args) before anything is
+// written.
+SwapArgs check_swap_args(
+    const at::Tensor& x,
+    const at::Tensor& labels,
+    const at::Tensor& keys,
+    const std::optional<at::Tensor>& pair_k,
+    int64_t k,
+    int64_t threshold,
+    int64_t patch_h,
+    int64_t patch_w,
+    bool halves,
+    int64_t max_unit_bytes);
+
 // The plan's outputs, allocated on the labels' device: partner (N,) int64,
 // mask (N, gh, gw) bool, error () int64 (the first i whose labels differ from
 // labels[i + N/2] under pairing="halves", else -1).

@@ -43,6 +43,9 @@ void swap_selected(
   }
 }
 
+// Wider units than 8 bytes buy nothing here: the compiler widens the loops.
+constexpr int64_t kMaxUnitBytes = sizeof(uint64_t);
+
 // Cells narrower than this many bytes are swapped by selection, wider ones
 // run by run: at 4-pixel cells of 32x32 images, selection over whole planes
 // costs about one copy of the batch, run-by-run swaps several.
@@ -285,24 +288,17 @@ PlanTensors swap_cpu(
     int64_t patch_h,
     int64_t patch_w,
     bool halves) {
-  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
-  TORCH_CHECK_VALUE(
-      labels.dim() == 1 && labels.size(0) == x.size(0),
-      "labels must have shape (",
-      x.size(0),
-      ",), got ",
-      labels.sizes());
-  const PlanArgs a = check_plan_args(
-      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, x.device());
-  SwapLayout l{};
-  const int64_t unit = layout_of(x, patch_h, patch_w, sizeof(uint64_t), &l);
-  PlanTensors plan = empty_plan(labels, grid_h, grid_w);
+  const SwapArgs s = check_swap_args(
+      x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves, kMaxUnitBytes);
+  PlanTensors plan = empty_plan(labels, s.grid_h, s.grid_w);
   auto& [partner, mask, error] = plan;
-  draw_plan(labels, a, partner, mask, error);
-  if (unit != 0) {
+  draw_plan(labels, s.plan, partner, mask, error);
+  if (s.unit != 0) {
     const int64_t* p = partner.data_ptr<int64_t>();
     const bool* m = mask.data_ptr<bool>();
-    dispatch_unit(unit, x.data_ptr(), [&](auto* data) { swap_cells(data, p, m, a.n, l); });
+    dispatch_unit(s.unit, x.data_ptr(), [&](auto* data) {
+      swap_cells(data, p, m, s.plan.n, s.layout);
+    });
   }
   return plan;
 }
@@ -314,9 +310,8 @@ void apply_plan_cpu(
     int64_t patch_h,
     int64_t patch_w) {
   SwapLayout l;
-  // Wider units than 8 bytes buy nothing here: the compiler widens the loop.
   const int64_t unit =
-      plan_layout(x, partner, mask, patch_h, patch_w, sizeof(uint64_t), &l);
+      plan_layout(x, partner, mask, patch_h, patch_w, kMaxUnitBytes, &l);
   if (unit == 0) {
     return;
   }

@@ -392,18 +392,9 @@ PlanTensors swap_cuda(
     int64_t patch_h,
     int64_t patch_w,
     bool halves) {
-  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
-  TORCH_CHECK_VALUE(
-      labels.dim() == 1 && labels.size(0) == x.size(0),
-      "labels must have shape (",
-      x.size(0),
-      ",), got ",
-      labels.sizes());
-  const PlanArgs a = check_plan_args(
-      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, x.device());
-  SwapLayout l{};
-  const int64_t unit = layout_of(x, patch_h, patch_w, sizeof(uint4), &l);
-  return run_plan(labels, a, grid_h, grid_w, &x, l, unit);
+  const SwapArgs s = check_swap_args(
+      x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves, sizeof(uint4));
+  return run_plan(labels, s.plan, s.grid_h, s.grid_w, &x, s.layout, s.unit);
 }
 
 } // namespace
