@@ -4,16 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # Lint rules change between ruff releases: pinned, so a push fails only for its own code.
-TOOL_PINS := ruff==0.17.6 build
+TOOL_PINS := ruff==0.17.6 mypy==2.4.1 build
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: help install test lint sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
+.PHONY: help install test lint typecheck sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
 
 help:
 	@echo "make compare      CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
 	@echo "make test         build the extension and run the test suite"
 	@echo "make lint         ruff check"
+	@echo "make typecheck    mypy over the library (the reference loop excluded), against the installed torch"
 	@echo "make sdist-check  sdist -> wheel (CPU kernel) -> fresh venv outside the checkout -> kernel swap (~2-5 min)"
 	@echo "make regimes      the regime study: 50 / 100 / 500 images per class, ablations, 3 seeds (~2 h, resumable)"
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
@@ -47,6 +48,10 @@ test: install
 
 lint: $(VENV)/.tools
 	$(BIN)/ruff check .
+
+# The package ships py.typed, so its annotations are part of its API.
+typecheck: $(VENV)/.deps $(VENV)/.tools
+	$(BIN)/mypy
 
 # How an index or a cluster installs the package: see scripts/check_sdist.sh.
 sdist-check: $(VENV)/.deps $(VENV)/.tools

@@ -2,15 +2,20 @@
 what it was built with, a typed wrapper per op, and the fake (meta) kernels
 that let ``torch.compile`` trace through them."""
 
+import importlib
 import os
 import warnings
+from types import ModuleType
+from typing import Optional, Union
 
 import torch
 
-_C = None
+# Imported by name so that a type checker, which has no stub for the compiled
+# module, sees an optional module rather than a missing attribute.
+_C: Optional[ModuleType] = None
 if os.environ.get("IPSD_FORCE_FALLBACK") != "1":
     try:
-        from . import _C
+        _C = importlib.import_module("._C", __package__)
     except (ImportError, OSError) as err:
         warnings.warn(
             f"ipsd_cuda: the C++/CUDA extension could not be loaded ({err}); every "
@@ -43,7 +48,7 @@ def backends() -> dict:
     return {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
 
 
-def kernel_available(device) -> bool:
+def kernel_available(device: Union[torch.device, str]) -> bool:
     """Whether a swap of tensors on ``device`` runs a kernel (else the fallback).
 
     True when the kernel for the device's type was built (:func:`backends`)

@@ -4,13 +4,13 @@ Swapping on the CPU while the batch is assembled takes the work off the
 training loop's critical path: the model's device never sees the clean batch.
 """
 
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch.utils.data import default_collate
 
 from .patch_swap import check_layout, swap
-from .plan import PatchSize, check_plan_args, patch_pair
+from .plan import PatchSize, SwapPlan, check_plan_args, patch_pair
 
 
 class PatchSwapCollate:
@@ -76,7 +76,7 @@ class PatchSwapCollate:
         p: float = 0.5,
         pairing: str = "random",
         collate_fn: Optional[Callable] = None,
-    ):
+    ) -> None:
         patch_pair(patch_size)
         check_plan_args(swap_ratio, alpha, p, pairing)
         if collate_fn is not None and not callable(collate_fn):
@@ -88,7 +88,7 @@ class PatchSwapCollate:
         self.pairing = pairing
         self.collate_fn = default_collate if collate_fn is None else collate_fn
 
-    def __call__(self, batch):
+    def __call__(self, batch: List[Any]) -> Tuple[torch.Tensor, torch.Tensor, SwapPlan]:
         """Collate ``batch`` and swap it.
 
         Args:

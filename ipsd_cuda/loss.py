@@ -226,7 +226,7 @@ class IPSLoss(torch.nn.Module):
         >>> loss = criterion(torch.randn(4, 3), labels, torch.tensor([1, 0, 3, 2]))
     """
 
-    def __init__(self, *, temperature: float = 1.0, kd_weight: float = 1.0, check_partner: Optional[bool] = None):
+    def __init__(self, *, temperature: float = 1.0, kd_weight: float = 1.0, check_partner: Optional[bool] = None) -> None:
         super().__init__()
         _check_hyper(temperature, kd_weight)
         self.temperature = temperature

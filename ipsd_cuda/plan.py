@@ -48,9 +48,10 @@ class SwapPlan:
     @property
     def grid(self) -> Tuple[int, int]:
         """The ``(gh, gw)`` cell grid the mask is drawn on."""
-        return tuple(self.mask.shape[1:])
+        gh, gw = self.mask.shape[1:]
+        return (gh, gw)
 
-    def to(self, device) -> "SwapPlan":
+    def to(self, device: Union[torch.device, str]) -> "SwapPlan":
         """The same plan with its tensors on ``device``."""
         return SwapPlan(self.partner.to(device), self.mask.to(device))
 
@@ -132,12 +133,12 @@ def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
     for name, value in (("swap_ratio", swap_ratio), ("p", p)):
         if not isinstance(value, Real) or isinstance(value, bool):
             raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not 0.0 <= value <= 1.0:
+        if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     if alpha is not None:
         if not isinstance(alpha, Real) or isinstance(alpha, bool):
             raise TypeError(f"alpha must be a positive number or None, got {alpha!r}")
-        if not (alpha > 0 and math.isfinite(alpha)):
+        if not (float(alpha) > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")

@@ -8,7 +8,7 @@ partners drawn from the anchors' classes, which is the layout that
 """
 
 import math
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -82,7 +82,7 @@ class IntraClassPairSampler(Sampler[List[int]]):
 
     def __init__(
         self,
-        labels,
+        labels: Union[torch.Tensor, Sequence[int]],
         batch_size: int,
         *,
         drop_last: bool = False,
@@ -90,7 +90,7 @@ class IntraClassPairSampler(Sampler[List[int]]):
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
         seed: int = 0,
-    ):
+    ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         distributed = dist.is_available() and dist.is_initialized()
@@ -174,11 +174,11 @@ class IntraClassPairSampler(Sampler[List[int]]):
         if total > n:
             order = order.repeat(math.ceil(total / n))
         anchors = order[:total][self.rank :: self.num_replicas]
-        partners = self._partners(anchors, generator).tolist()
-        anchors = anchors.tolist()
+        anchor_list = anchors.tolist()
+        partner_list = self._partners(anchors, generator).tolist()
         for begin in range(0, len(self) * self.batch_size, self.batch_size):
             end = begin + self.batch_size
-            yield anchors[begin:end] + partners[begin:end]
+            yield anchor_list[begin:end] + partner_list[begin:end]
 
     def __len__(self) -> int:
         """The number of batches this rank yields per epoch."""
