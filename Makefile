@@ -16,7 +16,7 @@ help:
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy over the library (the reference loop excluded), against the installed torch"
 	@echo "make sdist-check  sdist -> wheel (CPU kernel) -> fresh venv outside the checkout -> kernel swap (~2-5 min)"
-	@echo "make regimes      the regime study: 50 / 100 / 500 images per class, ablations, 3 seeds (~2 h, resumable)"
+	@echo "make regimes      the regime study: 50 / 100 / 500 images per class, ablations, 3 seeds (~2.5 h, resumable)"
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
 	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"

@@ -26,7 +26,7 @@ stopped. One progress bar covers the whole grid. At the end (or alone, with
 ECE against images per class) and ``OUT/curves.png`` (CE's and IPS's
 per-epoch train top-1 and test NLL at every size).
 
-    python -m ipsd_cuda.reference.regimes                   # the README's study, ~2 h on 2 cores
+    python -m ipsd_cuda.reference.regimes                   # the README's study, ~2.5 h on 2 cores
     python -m ipsd_cuda.reference.regimes --report          # summarise what has finished
 """
 
@@ -369,7 +369,7 @@ def markdown(summary: dict) -> str:
 def plot_regimes(summary: dict, path: Path) -> None:
     """Test top-1 and ECE against images per class, one line per cell, error bars ± std over seeds."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for i, cell in enumerate(CELLS):
         points = [(int(s), summary["cells"][s][cell]) for s in summary["sizes"] if cell in summary["cells"][s]]
         if not points:
@@ -384,10 +384,13 @@ def plot_regimes(summary: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("training images per class")
         ax.set_ylabel(label)
+        ax.minorticks_off()
         ax.set_xticks([int(s) for s in summary["sizes"]], [str(s) for s in summary["sizes"]])
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    # Below both panels: inside either it hides points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
