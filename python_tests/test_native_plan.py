@@ -92,6 +92,8 @@ def plan_arguments(draw):
     )
 
 
+# The (1, 1) grid is drawn on purpose: swap's warning about it is tested elsewhere.
+@pytest.mark.filterwarnings("ignore:patch_size=.* covers the whole")
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=plan_arguments())
 def test_make_plan_and_swap_agree_across_backends(device, case):
