@@ -120,13 +120,31 @@ class BuildExtensionOrFallBack(BuildExtension):
             raise CompileError(str(err)) from err
 
 
+def openmp_flags():
+    """The flags that let the CPU kernel's at::parallel_for use torch's threads.
+
+    at::parallel_for is header code: compiled without OpenMP it runs its whole
+    range on the calling thread, whatever torch.set_num_threads says. With the
+    flag, the extension's OpenMP calls bind to the libgomp that torch loaded
+    (same soname), so they share torch's thread count.
+    """
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    if not sys.platform.startswith("linux"):
+        # Apple's clang and MSVC spell it differently; there the CPU kernel runs on one thread.
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     debug = env_flag("DEBUG")
     use_cuda = want_cuda()
     sources = ["csrc/swap.cpp", "csrc/cpu/swap_kernel.cpp"]
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx.append(f"-DIPSD_WITH_CUDA={int(use_cuda)}")
-    kwargs = {}
+    openmp = openmp_flags()
+    cxx += openmp
+    kwargs = {"extra_link_args": openmp}
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST

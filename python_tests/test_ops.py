@@ -188,3 +188,56 @@ def test_auto_uses_the_kernel_where_built(device, monkeypatch):
         ipsd_cuda.swap(x, labels, patch_size=2)
         ipsd_cuda.make_plan(labels, (2, 2))
     assert calls == ["kernel" if kernel_available(device) else "torch"] * 2
+
+
+def _openmp_build():
+    return ipsd_cuda.backends()["cpu"] and sys.platform.startswith("linux") and (
+        "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    )
+
+
+@pytest.mark.skipif(not _openmp_build(), reason="needs the CPU kernel and torch's OpenMP backend on Linux")
+def test_cpu_kernel_runs_on_torchs_threads():
+    """Built with OpenMP (else at::parallel_for runs on one thread) and bound to torch's libgomp, not a second one."""
+    from ipsd_cuda import _ops
+
+    with open(_ops._C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+    ipsd_cuda.swap(torch.zeros(4, 1, 4, 4), torch.zeros(4, dtype=torch.int64), patch_size=2)
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not ipsd_cuda.backends()["cpu"], reason="CPU kernel not built")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("patch", [2, 16])
+@pytest.mark.parametrize("pairing", ["random", "halves"])
+def test_cpu_kernel_bits_do_not_depend_on_threads(restore_threads, dtype, channels_last, patch, pairing):
+    """Batches big enough to split into several tasks (plan and exchange): 1, 2 and 3 threads, and the
+    fallback, give the same plan and bits."""
+    g = torch.Generator().manual_seed(patch)
+    labels = torch.randint(0, 4, (512,), generator=g)
+    if pairing == "halves":
+        labels[256:] = labels[:256]
+    x = random_bits((512, 3, 32, 32), dtype, generator=g, channels_last=channels_last)
+    results = []
+    for threads, backend in ((1, "kernel"), (2, "kernel"), (3, "kernel"), (1, "torch")):
+        torch.set_num_threads(threads)
+        out = x.clone(memory_format=torch.preserve_format)
+        plan = ipsd_cuda.swap(out, labels, patch_size=patch, p=0.5, pairing=pairing, backend=backend,
+                              generator=torch.Generator().manual_seed(7))
+        results.append((plan, out))
+    (first, expected), *others = results
+    assert not same_bits(expected, x)
+    for plan, out in others:
+        assert torch.equal(plan.partner, first.partner) and torch.equal(plan.mask, first.mask)
+        assert same_bits(out, expected)
