@@ -36,7 +36,8 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-$(VENV)/.tools: | $(BIN)/python
+# Remade when the Makefile (and so TOOL_PINS) changes.
+$(VENV)/.tools: Makefile | $(BIN)/python
 	$(BIN)/pip install -q $(TOOL_PINS)
 	touch $@
 

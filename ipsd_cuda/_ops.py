@@ -48,7 +48,7 @@ def backends() -> dict:
     return {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
 
 
-def kernel_available(device: Union[torch.device, str]) -> bool:
+def kernel_available(device: Union[torch.device, str, int, torch.Tensor]) -> bool:
     """Whether a swap of tensors on ``device`` runs a kernel (else the fallback).
 
     True when the kernel for the device's type was built (:func:`backends`)

@@ -8,7 +8,7 @@ backend. A plan can be inspected, stored, moved between devices and replayed.
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -51,7 +51,7 @@ class SwapPlan:
         gh, gw = self.mask.shape[1:]
         return (gh, gw)
 
-    def to(self, device: Union[torch.device, str]) -> "SwapPlan":
+    def to(self, device: torch.types.Device) -> "SwapPlan":
         """The same plan with its tensors on ``device``."""
         return SwapPlan(self.partner.to(device), self.mask.to(device))
 
@@ -133,12 +133,12 @@ def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
     for name, value in (("swap_ratio", swap_ratio), ("p", p)):
         if not isinstance(value, Real) or isinstance(value, bool):
             raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not 0.0 <= float(value) <= 1.0:
+        if not 0.0 <= cast(float, value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     if alpha is not None:
         if not isinstance(alpha, Real) or isinstance(alpha, bool):
             raise TypeError(f"alpha must be a positive number or None, got {alpha!r}")
-        if not (float(alpha) > 0 and math.isfinite(alpha)):
+        if not (cast(float, alpha) > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")

@@ -8,11 +8,14 @@ partners drawn from the anchors' classes, which is the layout that
 """
 
 import math
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+if TYPE_CHECKING:
+    import numpy
 
 
 def _as_label_tensor(labels) -> torch.Tensor:
@@ -82,7 +85,7 @@ class IntraClassPairSampler(Sampler[List[int]]):
 
     def __init__(
         self,
-        labels: Union[torch.Tensor, Sequence[int]],
+        labels: Union[torch.Tensor, "numpy.ndarray", Sequence[int]],
         batch_size: int,
         *,
         drop_last: bool = False,
