@@ -16,8 +16,8 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return a / b + (a % b != 0);
 }
 
-} // namespace
-
+// The cell grid (gh, gw) of x for a patch size, checking x's rank and the
+// patch size.
 std::pair<int64_t, int64_t> grid_of(
     const at::Tensor& x, int64_t patch_h, int64_t patch_w) {
   TORCH_CHECK_VALUE(
@@ -34,13 +34,18 @@ std::pair<int64_t, int64_t> grid_of(
   return {ceil_div(x.size(-2), patch_h), ceil_div(x.size(-1), patch_w)};
 }
 
+// Checks that `x`, whose grid grid_of gave, can be swapped in place and
+// describes it as a SwapLayout whose unit is the widest power of two, at most
+// `max_unit_bytes`, that divides every run and the data pointer. Returns the
+// unit size in bytes; 0 when there is nothing to move (an empty tensor).
 int64_t layout_of(
     const at::Tensor& x,
     int64_t patch_h,
     int64_t patch_w,
+    int64_t grid_h,
+    int64_t grid_w,
     int64_t max_unit_bytes,
     SwapLayout* layout) {
-  const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
   TORCH_CHECK_VALUE(
       x.is_contiguous() ||
           (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
@@ -76,6 +81,8 @@ int64_t layout_of(
   layout->cells = grid_h * grid_w;
   return unit;
 }
+
+} // namespace
 
 int64_t plan_layout(
     const at::Tensor& x,
@@ -123,7 +130,7 @@ int64_t plan_layout(
       patch_w,
       "), got ",
       mask.sizes());
-  return layout_of(x, patch_h, patch_w, max_unit_bytes, layout);
+  return layout_of(x, patch_h, patch_w, grid_h, grid_w, max_unit_bytes, layout);
 }
 
 PlanArgs check_plan_args(
@@ -227,7 +234,8 @@ SwapArgs check_swap_args(
       grid_w,
       SwapLayout{},
       0};
-  args.unit = layout_of(x, patch_h, patch_w, max_unit_bytes, &args.layout);
+  args.unit = layout_of(
+      x, patch_h, patch_w, grid_h, grid_w, max_unit_bytes, &args.layout);
   return args;
 }
 

@@ -11,19 +11,11 @@
 
 namespace ipsd {
 
-// Checks that `x` can be swapped in place with this patch size and describes
-// it as a SwapLayout whose unit is the widest power of two, at most
-// `max_unit_bytes`, that divides every run and the data pointer. Returns the
-// unit size in bytes; 0 when there is nothing to move (an empty tensor).
-int64_t layout_of(
-    const at::Tensor& x,
-    int64_t patch_h,
-    int64_t patch_w,
-    int64_t max_unit_bytes,
-    SwapLayout* layout);
-
 // Checks the arguments of apply_plan_ (raising ValueError/TypeError in Python
-// before anything is written), then returns layout_of(x, ...).
+// before anything is written) and describes `x` as a SwapLayout whose unit is
+// the widest power of two, at most `max_unit_bytes`, that divides every run
+// and the data pointer. Returns the unit size in bytes; 0 when there is
+// nothing to move (an empty tensor).
 int64_t plan_layout(
     const at::Tensor& x,
     const at::Tensor& partner,
@@ -32,11 +24,6 @@ int64_t plan_layout(
     int64_t patch_w,
     int64_t max_unit_bytes,
     SwapLayout* layout);
-
-// The cell grid (gh, gw) of x for a patch size, checking x's rank and the
-// patch size.
-std::pair<int64_t, int64_t> grid_of(
-    const at::Tensor& x, int64_t patch_h, int64_t patch_w);
 
 // What the plan kernels read, checked by check_plan_args.
 struct PlanArgs {
@@ -73,7 +60,7 @@ struct SwapArgs {
   int64_t unit;
 };
 
-// Checks the arguments of the swap_ op (x as for layout_of, labels with one
+// Checks the arguments of the swap_ op (x as for plan_layout, labels with one
 // label per sample, the rest as for check_plan_args) before anything is
 // written.
 SwapArgs check_swap_args(

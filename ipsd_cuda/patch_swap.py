@@ -10,12 +10,12 @@ from ._fallback import apply_plan_torch, make_plan_torch
 from .plan import (
     PatchSize,
     SwapPlan,
+    cell_grid,
     check_generator,
     check_labels,
     check_plan_args,
     defer_error,
     draw_keys,
-    grid_for,
     partner_mates,
     patch_pair,
     raise_deferred,
@@ -192,7 +192,7 @@ def swap(
     check_generator(generator, images.device)
     kernel = _ops.use_kernel(backend, images.device)
     raise_deferred()
-    grid = grid_for(images, (ph, pw))
+    grid = cell_grid(h, w, ph, pw)
     _warn_if_one_cell(patch_size, h, w, grid)
     draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
     ph, pw = _clip_patch(ph, pw, h, w)
@@ -272,6 +272,6 @@ def apply_plan(
     """
     _check_swappable("tensor", tensor, TARGET_DTYPES)
     ph, pw = patch_pair(patch_size)
-    _check_plan(plan, tensor.shape[0], grid_for(tensor, (ph, pw)), tensor.device)
+    _check_plan(plan, tensor.shape[0], cell_grid(tensor.shape[-2], tensor.shape[-1], ph, pw), tensor.device)
     apply = _ops.apply_plan_kernel if _ops.use_kernel(backend, tensor.device) else apply_plan_torch
     apply(tensor, plan.partner, plan.mask, *_clip_patch(ph, pw, *tensor.shape[-2:]))

@@ -107,6 +107,11 @@ def patch_pair(patch_size: PatchSize) -> Tuple[int, int]:
     return pair
 
 
+def cell_grid(h: int, w: int, ph: int, pw: int) -> Tuple[int, int]:
+    """``(ceil(h / ph), ceil(w / pw))`` for a checked patch ``(ph, pw)``."""
+    return (-(-h // ph), -(-w // pw))
+
+
 def grid_for(images_or_shape: Union[torch.Tensor, Sequence[int]], patch_size: PatchSize) -> Tuple[int, int]:
     """The cell grid ``(gh, gw) = (ceil(H / ph), ceil(W / pw))`` of images.
 
@@ -123,9 +128,7 @@ def grid_for(images_or_shape: Union[torch.Tensor, Sequence[int]], patch_size: Pa
     shape = images_or_shape.shape if isinstance(images_or_shape, torch.Tensor) else tuple(images_or_shape)
     if len(shape) < 2:
         raise ValueError(f"grid_for needs a shape ending in (H, W), got {tuple(shape)}")
-    ph, pw = patch_pair(patch_size)
-    h, w = shape[-2], shape[-1]
-    return (-(-h // ph), -(-w // pw))
+    return cell_grid(shape[-2], shape[-1], *patch_pair(patch_size))
 
 
 def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
