@@ -136,12 +136,13 @@ int64_t plan_layout(
 PlanArgs check_plan_args(
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t grid_h,
     int64_t grid_w,
-    bool halves,
+    int64_t pairing,
+    int64_t region,
     const c10::Device& device) {
   TORCH_CHECK_TYPE(
       labels.scalar_type() == at::kInt || labels.scalar_type() == at::kLong,
@@ -165,24 +166,24 @@ PlanArgs check_plan_args(
       keys.sizes());
   bool dense = labels.is_contiguous() && keys.is_contiguous();
   bool same_device = labels.device() == device && keys.device() == device;
-  if (pair_k.has_value()) {
+  if (pair_size.has_value()) {
     TORCH_CHECK_TYPE(
-        pair_k->scalar_type() == at::kLong,
-        "pair_k must be int64, got ",
-        pair_k->scalar_type());
+        pair_size->scalar_type() == at::kLong,
+        "pair_size must be int64, got ",
+        pair_size->scalar_type());
     TORCH_CHECK_VALUE(
-        pair_k->dim() == 1 && pair_k->size(0) == pairs,
-        "pair_k must have shape (",
+        pair_size->dim() == 1 && pair_size->size(0) == pairs,
+        "pair_size must have shape (",
         pairs,
         ",), got ",
-        pair_k->sizes());
-    dense = dense && pair_k->is_contiguous();
-    same_device = same_device && pair_k->device() == device;
+        pair_size->sizes());
+    dense = dense && pair_size->is_contiguous();
+    same_device = same_device && pair_size->device() == device;
   }
   TORCH_CHECK_VALUE(
-      same_device, "labels, keys and pair_k must be on the device ", device);
-  TORCH_CHECK_VALUE(dense, "labels, keys and pair_k must be contiguous");
-  TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
+      same_device, "labels, keys and pair_size must be on the device ", device);
+  TORCH_CHECK_VALUE(dense, "labels, keys and pair_size must be contiguous");
+  TORCH_CHECK_VALUE(size >= 0, "size must be >= 0, got ", size);
   TORCH_CHECK_VALUE(
       threshold >= 0 && threshold <= (int64_t{1} << kHalfBits),
       "threshold must be in [0, 2^31], got ",
@@ -196,29 +197,41 @@ PlanArgs check_plan_args(
       grid_w,
       ")");
   TORCH_CHECK_VALUE(
-      !halves || n % 2 == 0,
+      pairing == kPairClasses || pairing == kPairHalves || pairing == kPairAny,
+      "pairing must be 0 (random), 1 (halves) or 2 (any), got ",
+      pairing);
+  TORCH_CHECK_VALUE(
+      region == kRegionCells || region == kRegionBox,
+      "region must be 0 (cells) or 1 (box), got ",
+      region);
+  TORCH_CHECK_VALUE(
+      pairing != kPairHalves || n % 2 == 0,
       "pairing='halves' needs an even batch size, got N = ",
       n);
   return PlanArgs{
       n,
+      grid_h,
+      grid_w,
       grid_h * grid_w,
-      k,
+      size,
       threshold,
-      halves,
+      pairing,
+      region,
       keys.data_ptr<int64_t>(),
-      pair_k.has_value() ? pair_k->data_ptr<int64_t>() : nullptr};
+      pair_size.has_value() ? pair_size->data_ptr<int64_t>() : nullptr};
 }
 
 SwapArgs check_swap_args(
     const at::Tensor& x,
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t patch_h,
     int64_t patch_w,
-    bool halves,
+    int64_t pairing,
+    int64_t region,
     int64_t max_unit_bytes) {
   const auto [grid_h, grid_w] = grid_of(x, patch_h, patch_w);
   TORCH_CHECK_VALUE(
@@ -229,9 +242,7 @@ SwapArgs check_swap_args(
       labels.sizes());
   SwapArgs args{
       check_plan_args(
-          labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, x.device()),
-      grid_h,
-      grid_w,
+          labels, keys, pair_size, size, threshold, grid_h, grid_w, pairing, region, x.device()),
       SwapLayout{},
       0};
   args.unit = layout_of(
@@ -256,15 +267,17 @@ TORCH_LIBRARY(ipsd_cuda, m) {
       "apply_plan_(Tensor(a!) x, Tensor partner, Tensor mask, int patch_h, "
       "int patch_w) -> ()");
   // The plan from its keys (see plan_common.h): partner, mask, error.
+  // pairing is a Pairing, region a Region; size (or pair_size, per pair) is
+  // the region's size: a number of cells, or a box's scale.
   m.def(
-      "make_plan(Tensor labels, Tensor keys, Tensor? pair_k, int k, "
-      "int threshold, int grid_h, int grid_w, bool halves) "
+      "make_plan(Tensor labels, Tensor keys, Tensor? pair_size, int size, "
+      "int threshold, int grid_h, int grid_w, int pairing, int region) "
       "-> (Tensor, Tensor, Tensor)");
   // make_plan and apply_plan_ on x in one call (one kernel on CUDA).
   m.def(
-      "swap_(Tensor(a!) x, Tensor labels, Tensor keys, Tensor? pair_k, int k, "
-      "int threshold, int patch_h, int patch_w, bool halves) "
-      "-> (Tensor, Tensor, Tensor)");
+      "swap_(Tensor(a!) x, Tensor labels, Tensor keys, Tensor? pair_size, "
+      "int size, int threshold, int patch_h, int patch_w, int pairing, "
+      "int region) -> (Tensor, Tensor, Tensor)");
 }
 
 // A module object so that `import ipsd_cuda._C` loads the library (and runs

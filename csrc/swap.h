@@ -28,12 +28,26 @@ int64_t plan_layout(
 // What the plan kernels read, checked by check_plan_args.
 struct PlanArgs {
   int64_t n;          // samples
-  int64_t cells;      // gh * gw
-  int64_t k;          // cells per active pair, unless pair_k is given
+  int64_t grid_h;
+  int64_t grid_w;
+  int64_t cells;      // grid_h * grid_w
+  // The size of an active pair's region, unless pair_size is given: "cells",
+  // the number of cells; "box", the scale of its sides (kScaleOne = 1).
+  int64_t size;
   int64_t threshold;  // a pair is active when its draw is below it
-  bool halves;        // pairing="halves" instead of "random"
+  int64_t pairing;    // a Pairing
+  int64_t region;     // a Region
   const int64_t* keys;
-  const int64_t* pair_k;  // cells per pair (N / 2), or nullptr
+  const int64_t* pair_size;  // the size per pair (N / 2), or nullptr
+
+  IPSD_HOST_DEVICE bool halves() const {
+    return pairing == kPairHalves;
+  }
+
+  // The size of pair s's region.
+  IPSD_HOST_DEVICE int64_t size_of(int64_t s) const {
+    return pair_size != nullptr ? pair_size[s] : size;
+  }
 };
 
 // Checks the arguments of the plan and swap_ ops (before anything is
@@ -42,20 +56,19 @@ struct PlanArgs {
 PlanArgs check_plan_args(
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t grid_h,
     int64_t grid_w,
-    bool halves,
+    int64_t pairing,
+    int64_t region,
     const c10::Device& device);
 
 // What the swap_ op's kernels need, checked by check_swap_args: the plan's
 // arguments, x's grid, and x as a layout with its unit (0: nothing to move).
 struct SwapArgs {
   PlanArgs plan;
-  int64_t grid_h;
-  int64_t grid_w;
   SwapLayout layout;
   int64_t unit;
 };
@@ -67,12 +80,13 @@ SwapArgs check_swap_args(
     const at::Tensor& x,
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t patch_h,
     int64_t patch_w,
-    bool halves,
+    int64_t pairing,
+    int64_t region,
     int64_t max_unit_bytes);
 
 // The plan's outputs, allocated on the labels' device: partner (N,) int64,

@@ -19,11 +19,15 @@ from typing import Optional, Tuple
 import torch
 
 # csrc/plan_common.h: the 31-bit halves of a pair key, the step between the
-# inputs of consecutive cells, and the rounds of mix31.
+# inputs of consecutive cells, the rounds of mix31, the fixed-point 1 of a
+# box's scale, and the codes of the ops' pairing and region arguments.
 HALF_BITS = 31
 HALF_MASK = (1 << HALF_BITS) - 1
 CELL_STEP = 0x1E3779B9
 _MIX_ROUNDS = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x3A8F05C5))
+SCALE_ONE = 1 << HALF_BITS
+PAIR_CLASSES, PAIR_HALVES, PAIR_ANY = 0, 1, 2
+REGION_CELLS, REGION_BOX = 0, 1
 
 # A swap moves bits, never values: viewing floats as same-width integers keeps
 # every payload (NaNs included) exactly as it was.
@@ -42,12 +46,42 @@ def mix31(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def cell_key(seeds: torch.Tensor, cell) -> torch.Tensor:
+    """plan_common.h's ``cell_key``: the 31-bit key of ``cell`` (an int or a
+    tensor broadcasting against ``seeds``) in the pairs seeded by ``seeds``."""
+    return mix31((seeds + cell * CELL_STEP) & HALF_MASK)
+
+
 def cell_order(seeds: torch.Tensor, cells: int) -> torch.Tensor:
     """``(len(seeds), cells)`` int64: plan_common.h's ``cell_order`` of every
     cell of every pair, whose ``k`` smallest values are the pair's cells."""
     index = torch.arange(cells, device=seeds.device)
-    key = mix31((seeds[:, None] + index * CELL_STEP) & HALF_MASK)
-    return (key << 32) | index
+    return (cell_key(seeds[:, None], index) << 32) | index
+
+
+def box_side(scale: torch.Tensor, grid: int) -> torch.Tensor:
+    """plan_common.h's ``box_side``: ``scale * grid`` rounded half up, in ``[1, grid]``."""
+    side = (scale.clamp(0, SCALE_ONE) * grid + SCALE_ONE // 2) >> HALF_BITS
+    return side.clamp(1, grid)
+
+
+def box_cells(seeds: torch.Tensor, scale: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """``(len(seeds), gh * gw)`` bool: the cells inside each pair's box
+    (plan_common.h's ``pair_box``), for a grid of at least one cell."""
+    gh, gw = grid
+    rows, cols = box_side(scale, gh), box_side(scale, gw)
+    whole = (rows == gh) & (cols == gw)
+    if gw >= 2:
+        cols = cols - whole.long()
+    else:
+        rows = rows - whole.long()
+    top = (cell_key(seeds, 0) * (gh - rows + 1)) >> HALF_BITS
+    left = (cell_key(seeds, 1) * (gw - cols + 1)) >> HALF_BITS
+    r = torch.arange(gh, device=seeds.device)
+    c = torch.arange(gw, device=seeds.device)
+    in_rows = (r >= top[:, None]) & (r < (top + rows)[:, None])
+    in_cols = (c >= left[:, None]) & (c < (left + cols)[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :]).flatten(1)
 
 
 def _pair_random(labels: torch.Tensor, keys: torch.Tensor):
@@ -86,14 +120,32 @@ def _pair_halves(labels: torch.Tensor):
     return partner, pos % half, torch.where(first_bad < n, first_bad, -1)
 
 
+def _chosen_cells(seeds: torch.Tensor, pair_size: Optional[torch.Tensor], size: int, cells: int) -> torch.Tensor:
+    """``(pairs, cells)`` bool: each pair's ``size`` (or ``pair_size``) cells
+    that come first in ``cell_order`` (the "cells" region)."""
+    pairs = seeds.shape[0]
+    order = cell_order(seeds, cells)
+    if pair_size is not None:
+        rank = torch.empty_like(order).scatter_(
+            1, order.argsort(dim=1), torch.arange(cells, device=order.device).expand(pairs, cells)
+        )
+        return rank < pair_size[:, None]
+    if size <= 0:
+        return torch.zeros_like(order, dtype=torch.bool)
+    if size >= cells:
+        return torch.ones_like(order, dtype=torch.bool)
+    return order <= order.kthvalue(size, dim=1, keepdim=True).values
+
+
 def make_plan_torch(
     labels: torch.Tensor,
     keys: torch.Tensor,
-    pair_k: Optional[torch.Tensor],
-    k: int,
+    pair_size: Optional[torch.Tensor],
+    size: int,
     threshold: int,
     grid: Tuple[int, int],
-    halves: bool,
+    pairing: int,
+    region: int,
 ):
     """The plan drawn from ``keys`` (the ``ipsd_cuda::make_plan`` op's
     arguments and results): ``(partner, mask, error)``."""
@@ -101,26 +153,24 @@ def make_plan_torch(
     pairs = n // 2
     gh, gw = grid
     cells = gh * gw
-    if halves:
+    if pairing == PAIR_HALVES:
         partner, pair, error = _pair_halves(labels)
+    elif pairing == PAIR_ANY:
+        partner, pair, error = _pair_random(torch.zeros_like(labels), keys[:n])
     else:
         partner, pair, error = _pair_random(labels, keys[:n])
     if pairs == 0 or cells == 0:
         return partner, torch.zeros(n, gh, gw, dtype=torch.bool, device=labels.device), error
     pair_keys = keys[n:]
-    order = cell_order(pair_keys & HALF_MASK, cells)
-    if pair_k is not None:
-        rank = torch.empty_like(order).scatter_(
-            1, order.argsort(dim=1), torch.arange(cells, device=order.device).expand(pairs, cells)
-        )
-        chosen = rank < pair_k[:, None]
-    elif k <= 0:
-        chosen = torch.zeros_like(order, dtype=torch.bool)
-    elif k >= cells:
-        chosen = torch.ones_like(order, dtype=torch.bool)
+    seeds = pair_keys & HALF_MASK
+    active = (pair_keys >> HALF_BITS) < threshold
+    if region == REGION_BOX:
+        scale = pair_size if pair_size is not None else torch.full_like(seeds, size)
+        chosen = box_cells(seeds, scale, grid)
+        active &= scale > 0
     else:
-        chosen = order <= order.kthvalue(k, dim=1, keepdim=True).values
-    chosen &= ((pair_keys >> HALF_BITS) < threshold)[:, None]
+        chosen = _chosen_cells(seeds, pair_size, size, cells)
+    chosen &= active[:, None]
     mask = chosen[pair] & (partner >= 0)[:, None]
     return partner, mask.view(n, gh, gw), error
 

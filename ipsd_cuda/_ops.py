@@ -99,18 +99,19 @@ def use_kernel(backend: str, device: torch.device) -> bool:
     return False
 
 
-def make_plan_kernel(labels, keys, pair_k, k: int, threshold: int, grid, halves: bool):
+def make_plan_kernel(labels, keys, pair_size, size: int, threshold: int, grid, pairing: int, region: int):
     """Run ``ipsd_cuda::make_plan``: ``(partner, mask, error)`` on the labels' device."""
     return torch.ops.ipsd_cuda.make_plan.default(
-        labels.contiguous(), keys, pair_k, k, threshold, grid[0], grid[1], halves
+        labels.contiguous(), keys, pair_size, size, threshold, grid[0], grid[1], pairing, region
     )
 
 
-def swap_kernel(x, labels, keys, pair_k, k: int, threshold: int, patch_h: int, patch_w: int, halves: bool):
+def swap_kernel(x, labels, keys, pair_size, size: int, threshold: int, patch_h: int, patch_w: int, pairing: int,
+                region: int):
     """Run ``ipsd_cuda::swap_``: draw the plan and apply it to ``x`` in place;
     returns ``(partner, mask, error)``."""
     return torch.ops.ipsd_cuda.swap_.default(
-        x, labels.contiguous(), keys, pair_k, k, threshold, patch_h, patch_w, halves
+        x, labels.contiguous(), keys, pair_size, size, threshold, patch_h, patch_w, pairing, region
     )
 
 
@@ -126,14 +127,14 @@ if _C is not None:
     # The fakes check what the kernels' own checks would, as far as shapes,
     # dtypes and devices go, so that misuse fails when tracing too.
 
-    def _check_plan_inputs(labels, keys, pair_k, device):
+    def _check_plan_inputs(labels, keys, pair_size, device):
         n = labels.shape[0]
         torch._check(labels.dim() == 1 and labels.dtype in (torch.int32, torch.int64),
                      lambda: f"labels must be (N,) int32/int64, got {labels.dtype} {tuple(labels.shape)}")
         torch._check(keys.dtype == torch.int64 and tuple(keys.shape) == (n + n // 2,),
                      lambda: f"keys must be ({n + n // 2},) int64, got {keys.dtype} {tuple(keys.shape)}")
-        torch._check(pair_k is None or (pair_k.dtype == torch.int64 and tuple(pair_k.shape) == (n // 2,)),
-                     lambda: "pair_k must be (N // 2,) int64")
+        torch._check(pair_size is None or (pair_size.dtype == torch.int64 and tuple(pair_size.shape) == (n // 2,)),
+                     lambda: "pair_size must be (N // 2,) int64")
         torch._check(labels.device == device and keys.device == device,
                      lambda: f"labels and keys must be on {device}")
 
@@ -157,12 +158,12 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("ipsd_cuda::make_plan")
-    def _make_plan_fake(labels, keys, pair_k, k, threshold, grid_h, grid_w, halves):
-        _check_plan_inputs(labels, keys, pair_k, labels.device)
+    def _make_plan_fake(labels, keys, pair_size, size, threshold, grid_h, grid_w, pairing, region):
+        _check_plan_inputs(labels, keys, pair_size, labels.device)
         return _plan_outputs(labels, grid_h, grid_w)
 
     @torch.library.register_fake("ipsd_cuda::swap_")
-    def _swap_fake(x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves):
-        _check_plan_inputs(labels, keys, pair_k, x.device)
+    def _swap_fake(x, labels, keys, pair_size, size, threshold, patch_h, patch_w, pairing, region):
+        _check_plan_inputs(labels, keys, pair_size, x.device)
         torch._check(labels.shape[0] == x.shape[0], lambda: "labels must have one label per sample")
         return _plan_outputs(labels, -(-x.shape[-2] // patch_h), -(-x.shape[-1] // patch_w))

@@ -129,6 +129,7 @@ def swap(
     alpha: Optional[float] = None,
     p: float = 0.5,
     pairing: str = "random",
+    region: str = "cells",
     targets: Targets = None,
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
@@ -156,7 +157,12 @@ def swap(
         p: probability that a pair exchanges anything (default 0.5, which
             trained better than 1.0 in the README's comparison).
         pairing: ``"random"`` (default) or ``"halves"`` (``i`` with ``i + N/2``,
-            for :class:`IntraClassPairSampler` batches).
+            for :class:`IntraClassPairSampler` batches), both within a class;
+            ``"any"`` pairs the whole batch at random, whatever the labels
+            (CutMix: weigh the labels with :meth:`SwapPlan.share`).
+        region: ``"cells"`` (default): the cells are drawn anywhere in the
+            grid; ``"box"``: they form one rectangle (at ``patch_size=1``,
+            CutMix's box, one for every pair).
         targets: a tensor or sequence of tensors that get the same exchange,
             e.g. segmentation masks ``(N, H, W)`` or ``(N, K, H, W)``; any
             image dtype or int64.
@@ -188,22 +194,22 @@ def swap(
         written.append((name, target))
     _check_disjoint(written)
     ph, pw = patch_pair(patch_size)
-    check_plan_args(swap_ratio, alpha, p, pairing)
+    check_plan_args(swap_ratio, alpha, p, pairing, region)
     check_generator(generator, images.device)
     kernel = _ops.use_kernel(backend, images.device)
     raise_deferred()
     grid = cell_grid(h, w, ph, pw)
     _warn_if_one_cell(patch_size, h, w, grid)
-    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
+    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator, region)
     ph, pw = _clip_patch(ph, pw, h, w)
-    args = (draw.keys, draw.pair_k, draw.k, draw.threshold)
+    args = (draw.keys, draw.pair_size, draw.size, draw.threshold)
     if kernel:
         # Plan and images in one call (one kernel on CUDA), then the targets.
-        partner, mask, error = _ops.swap_kernel(images, labels, *args, ph, pw, draw.halves)
+        partner, mask, error = _ops.swap_kernel(images, labels, *args, ph, pw, draw.pairing, draw.region)
         for _, t in written[1:]:
             _ops.apply_plan_kernel(t, partner, mask, ph, pw)
     else:
-        partner, mask, error = make_plan_torch(labels, *args, grid, draw.halves)
+        partner, mask, error = make_plan_torch(labels, *args, grid, draw.pairing, draw.region)
         for _, t in written:
             apply_plan_torch(t, partner, mask, ph, pw)
     defer_error(error, draw, n)

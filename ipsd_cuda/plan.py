@@ -12,12 +12,23 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
-from ._fallback import HALF_BITS, make_plan_torch
+from ._fallback import (
+    HALF_BITS,
+    PAIR_ANY,
+    PAIR_CLASSES,
+    PAIR_HALVES,
+    REGION_BOX,
+    REGION_CELLS,
+    SCALE_ONE,
+    make_plan_torch,
+)
 from ._ops import make_plan_kernel, use_kernel
 
 PatchSize = Union[int, Tuple[int, int]]
 
-PAIRINGS = ("random", "halves")
+# The public names of the ops' pairing and region codes.
+PAIRINGS = {"random": PAIR_CLASSES, "halves": PAIR_HALVES, "any": PAIR_ANY}
+REGIONS = {"cells": REGION_CELLS, "box": REGION_BOX}
 KEY_BITS = 62
 
 
@@ -28,7 +39,8 @@ class SwapPlan:
     Attributes:
         partner: ``(N,)`` int64. ``partner[i]`` is the sample paired with
             ``i``, or ``-1``. An involution (``partner[partner[i]] == i``)
-            between samples of the same label.
+            between samples of the same label (of any labels with
+            ``pairing="any"``).
         mask: ``(N, gh, gw)`` bool, the cells exchanged. ``mask[i] ==
             mask[partner[i]]``; all False for unpaired samples and for pairs
             that were not selected.
@@ -54,6 +66,58 @@ class SwapPlan:
     def to(self, device: torch.types.Device) -> "SwapPlan":
         """The same plan with its tensors on ``device``."""
         return SwapPlan(self.partner.to(device), self.mask.to(device))
+
+    def share(self, image_size: Tuple[int, int], patch_size: "PatchSize") -> torch.Tensor:
+        """The share of each sample's pixels that the plan exchanges.
+
+        Counts the pixels of the exchanged cells, a partial cell at the
+        right or bottom edge by the pixels it has (timm's ``correct_lam``),
+        over ``H * W``. Computed on the plan's device without a host
+        synchronisation. It weighs the partner's label in soft targets
+        (:func:`mix_targets`, :func:`mix_cross_entropy`).
+
+        Args:
+            image_size: ``(H, W)`` of the images the plan was applied to.
+            patch_size: ``P`` or ``(ph, pw)``, as for the swap.
+
+        Returns:
+            ``(N,)`` float32 in ``[0, 1]``: 0 for unpaired samples and pairs
+            that exchanged nothing, the same for both members of a pair.
+
+        Example:
+            >>> import torch, ipsd_cuda
+            >>> x = torch.rand(4, 3, 10, 10)  # a 3 x 3 grid of 4-pixel cells, the last ones 2 pixels wide
+            >>> g = torch.Generator().manual_seed(1)
+            >>> plan = ipsd_cuda.swap(x, torch.tensor([0, 1, 0, 1]), patch_size=4, p=1.0, region="box",
+            ...                       swap_ratio=0.1, generator=g)  # a box of one cell per pair
+            >>> plan.mask[0].nonzero().tolist(), plan.mask[1].nonzero().tolist()
+            ([[0, 0]], [[2, 1]])
+            >>> plan.share((10, 10), 4)  # a whole cell, 16 of 100 pixels; one of the last row, 4 x 2
+            tensor([0.1600, 0.0800, 0.1600, 0.0800])
+        """
+        h, w = image_size
+        ph, pw = patch_pair(patch_size)
+        grid = cell_grid(h, w, ph, pw)
+        if grid != self.grid:
+            raise ValueError(
+                f"the plan's grid {self.grid} is not that of {h} x {w} images with patch size "
+                f"{patch_size!r}, {grid}"
+            )
+        if h * w == 0:
+            return torch.zeros(self.mask.shape[0], device=self.mask.device)
+        ph, pw = min(ph, h), min(pw, w)
+        # Every cell has ph * pw pixels but those of the last row and column,
+        # which lack (ph - last_h) rows and (pw - last_w) columns.
+        last_h, last_w = h - (grid[0] - 1) * ph, w - (grid[1] - 1) * pw
+        mask = self.mask
+        pixels = mask.sum(dim=(1, 2)) * (ph * pw)
+        if last_h < ph:
+            pixels -= mask[:, -1, :].sum(dim=1) * ((ph - last_h) * pw)
+        if last_w < pw:
+            pixels -= mask[:, :, -1].sum(dim=1) * (ph * (pw - last_w))
+        if last_h < ph and last_w < pw:
+            pixels += mask[:, -1, -1] * ((ph - last_h) * (pw - last_w))
+        return pixels.float() / (h * w)
 
     def __repr__(self) -> str:
         """A one-line summary instead of the tensors (hundreds of lines for a real batch).
@@ -131,7 +195,7 @@ def grid_for(images_or_shape: Union[torch.Tensor, Sequence[int]], patch_size: Pa
     return cell_grid(shape[-2], shape[-1], *patch_pair(patch_size))
 
 
-def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
+def check_plan_args(swap_ratio, alpha, p, pairing, region="cells") -> None:
     """Raise ValueError/TypeError for out-of-range plan arguments."""
     for name, value in (("swap_ratio", swap_ratio), ("p", p)):
         if not isinstance(value, Real) or isinstance(value, bool):
@@ -144,7 +208,9 @@ def check_plan_args(swap_ratio, alpha, p, pairing) -> None:
         if not (cast(float, alpha) > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        raise ValueError(f"pairing must be one of {tuple(PAIRINGS)}, got {pairing!r}")
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {tuple(REGIONS)}, got {region!r}")
 
 
 def check_labels(labels, n: Optional[int] = None, device: Optional[torch.device] = None) -> None:
@@ -196,18 +262,27 @@ class _Draw(NamedTuple):
     the ``ipsd_cuda::make_plan`` op's inputs."""
 
     keys: torch.Tensor
-    pair_k: Optional[torch.Tensor]
-    k: int
+    pair_size: Optional[torch.Tensor]
+    size: int
     threshold: int
-    halves: bool
+    pairing: int
+    region: int
+
+    @property
+    def halves(self) -> bool:
+        return self.pairing == PAIR_HALVES
 
 
-def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator) -> _Draw:
-    """Draw a plan's keys (one call) and, with ``alpha``, its per-pair cell counts.
+def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator, region="cells") -> _Draw:
+    """Draw a plan's keys (one call) and, with ``alpha``, its per-pair sizes.
 
     The layout of ``keys`` (see ``csrc/plan_common.h``): ``N`` pairing keys,
     then ``N // 2`` pair keys, uniform in ``[0, 2^62)``. A pair is active when
     the high 31 bits of its key are below ``threshold = floor(p * 2^31)``.
+    A pair's size is, in the "cells" region, its number of cells
+    ``round(fraction * G)`` clamped to ``[1, G - 1]``; in the "box" region, the
+    scale of the box's sides, ``round(sqrt(fraction) * 2^31)``, at least 1.
+    Both are 0 when ``G < 2``: nothing can be exchanged.
     """
     n = labels.shape[0]
     pairs = n // 2
@@ -225,18 +300,23 @@ def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator) -> _
                     f"!= labels[{i + pairs}] = {int(labels[i + pairs])}"
                 )
     keys = torch.randint(0, 1 << KEY_BITS, (n + pairs,), generator=generator, device=device)
-    k = min(max(round(swap_ratio * cells), 1), cells - 1) if cells >= 2 else 0
-    pair_k = None
+    box = region == "box"
+    size = 0
+    if cells >= 2:
+        size = max(round(math.sqrt(swap_ratio) * SCALE_ONE), 1) if box else min(max(round(swap_ratio * cells), 1), cells - 1)
+    pair_size = None
     if alpha is not None:
         # Beta(a, a) is the first coordinate of Dirichlet(a, a); this is the
         # Beta sampler that accepts a generator.
         concentration = torch.full((pairs, 2), float(alpha), dtype=torch.float64, device=device)
         fraction = torch._sample_dirichlet(concentration, generator=generator)[:, 0]
-        if cells >= 2:
-            pair_k = torch.round(fraction * cells).long().clamp_(1, cells - 1)
+        if cells < 2:
+            pair_size = torch.zeros(pairs, dtype=torch.int64, device=device)
+        elif box:
+            pair_size = torch.round(fraction.sqrt() * SCALE_ONE).long().clamp_(1, SCALE_ONE)
         else:
-            pair_k = torch.zeros(pairs, dtype=torch.int64, device=device)
-    return _Draw(keys, pair_k, k, int(p * (1 << HALF_BITS)), pairing == "halves")
+            pair_size = torch.round(fraction * cells).long().clamp_(1, cells - 1)
+    return _Draw(keys, pair_size, size, int(p * (1 << HALF_BITS)), PAIRINGS[pairing], REGIONS[region])
 
 
 # pairing="halves" on CUDA checks the labels on the device without waiting for
@@ -286,10 +366,11 @@ def make_plan(
     alpha: Optional[float] = None,
     p: float = 0.5,
     pairing: str = "random",
+    region: str = "cells",
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
 ) -> SwapPlan:
-    """Draw a swap plan: intra-class pairs and, per pair, the cells to exchange.
+    """Draw a swap plan: pairs of samples and, per pair, the cells to exchange.
 
     Args:
         labels: ``(N,)`` int32/int64 class labels; the plan lives on their device.
@@ -300,15 +381,22 @@ def make_plan(
         p: probability that a pair exchanges anything at all (default 0.5).
         pairing: ``"random"`` pairs samples of each class at random (an odd
             one out stays unpaired); ``"halves"`` pairs ``i`` with ``i + N/2``
-            (batches from :class:`IntraClassPairSampler`).
+            (batches from :class:`IntraClassPairSampler`); ``"any"`` pairs
+            the whole batch at random, whatever the labels (CutMix).
+        region: ``"cells"`` exchanges cells drawn anywhere in the grid;
+            ``"box"`` one rectangle of cells (CutMix's box at ``patch_size=1``).
         generator: the only source of randomness (default: torch's default
             generator of the labels' device).
         backend: ``"auto"`` (the extension's kernel where built, else the
             fallback), ``"kernel"`` or ``"torch"``; all draw the same plan.
 
-    Each active pair exchanges exactly ``k = round(fraction * G)`` distinct
-    cells (clamped to ``[1, G - 1]`` when ``G >= 2``, ``0`` when ``G == 1``),
-    drawn uniformly; both members use the same cells. All the random numbers
+    In the ``"cells"`` region each active pair exchanges exactly
+    ``k = round(fraction * G)`` distinct cells (clamped to ``[1, G - 1]``
+    when ``G >= 2``, ``0`` when ``G == 1``), drawn uniformly. In the
+    ``"box"`` region it exchanges a box of ``round(sqrt(fraction) * gh)`` by
+    ``round(sqrt(fraction) * gw)`` cells (each side at least 1, never the
+    whole grid), placed uniformly where it fits. Both members use the same
+    cells. All the random numbers
     are drawn in one call (a second one for ``alpha``), and every decision is
     arithmetic on them, so the same seed on the same device gives the same
     plan on every backend. Nothing waits for the device: on CUDA, a
@@ -327,15 +415,16 @@ def make_plan(
         [1, 0, -1]
     """
     check_labels(labels)
-    check_plan_args(swap_ratio, alpha, p, pairing)
+    check_plan_args(swap_ratio, alpha, p, pairing, region)
     check_generator(generator, labels.device)
     if len(grid) != 2 or min(grid) < 0:
         raise ValueError(f"grid must be (gh, gw) with gh, gw >= 0, got {grid!r}")
     grid = (int(grid[0]), int(grid[1]))
     kernel = use_kernel(backend, labels.device)
     raise_deferred()
-    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator)
+    draw = draw_keys(labels, grid[0] * grid[1], swap_ratio, alpha, p, pairing, generator, region)
     plan_of = make_plan_kernel if kernel else make_plan_torch
-    partner, mask, error = plan_of(labels, draw.keys, draw.pair_k, draw.k, draw.threshold, grid, draw.halves)
+    partner, mask, error = plan_of(labels, draw.keys, draw.pair_size, draw.size, draw.threshold, grid,
+                                   draw.pairing, draw.region)
     defer_error(error, draw, labels.shape[0])
     return SwapPlan(partner, mask)

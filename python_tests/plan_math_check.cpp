@@ -9,6 +9,7 @@
 //   plan_math_check CASES SEED    random batches; prints "ok CASES batches"
 //   plan_math_check mix X...      prints mix31(X) for each X, for the fallback
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -127,6 +128,31 @@ std::vector<bool> cells_by_rank(uint32_t seed, int64_t cells, int64_t k) {
   return chosen;
 }
 
+// A box by its definition, in long double arithmetic: sides scale * grid
+// rounded half up, clamped to [1, grid]; a column (else a row) off a box that
+// would cover a grid of 2 or more cells; the position from the keys of cells
+// 0 and 1, scaled to the places where the box fits.
+bool box_is_as_defined(uint32_t seed, int64_t scale, int64_t gh, int64_t gw) {
+  const ipsd::CellRect box = ipsd::pair_box(seed, scale, gh, gw);
+  const long double s = std::clamp<long double>(scale, 0, ipsd::kScaleOne) / ipsd::kScaleOne;
+  auto side = [&](int64_t grid) {
+    return std::clamp<int64_t>(static_cast<int64_t>(std::floor(s * grid + 0.5L)), 1, grid);
+  };
+  int64_t rows = side(gh);
+  int64_t cols = side(gw);
+  if (rows == gh && cols == gw) {
+    (gw >= 2 ? cols : rows) -= 1;
+  }
+  auto offset = [](uint32_t key, int64_t places) {
+    return static_cast<int64_t>(std::floor(static_cast<long double>(key) / (1u << 31) * places));
+  };
+  const bool inside = box.top >= 0 && box.left >= 0 && box.top + box.rows <= gh && box.left + box.cols <= gw;
+  const bool partial = gh * gw < 2 ? box.rows * box.cols == 0 : box.rows * box.cols < gh * gw;
+  return inside && partial && box.rows == rows && box.cols == cols &&
+      box.top == offset(ipsd::cell_key(seed, 0), gh - rows + 1) &&
+      box.left == offset(ipsd::cell_key(seed, 1), gw - cols + 1);
+}
+
 int fail(const char* what, int c) {
   std::printf("case %d: %s differ\n", c, what);
   return 1;
@@ -180,6 +206,13 @@ int main(int argc, char** argv) {
     }
     if (std::count(chosen.begin(), chosen.end(), true) != std::clamp<int64_t>(k, 0, cells)) {
       return fail("cell counts", c);
+    }
+    const int64_t gh = draw(1, 40);
+    const int64_t gw = draw(1, 40);
+    const int64_t scale = draw(0, 3) == 0 ? draw(-5, 5) + (draw(0, 1) ? ipsd::kScaleOne : 0)
+                                           : draw(0, ipsd::kScaleOne);
+    if (!box_is_as_defined(seed, scale, gh, gw)) {
+      return fail("boxes", c);
     }
     // Large grids, where the histogram's buckets hold many keys: no counting.
     if (c % 50 == 0) {

@@ -99,13 +99,17 @@ def test_kernel_matches_plain_loop(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", TARGET_DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("patch", [3, (2, 5), 8])
-def test_swap_kernel_equals_fallback_every_dtype_and_layout(device, dtype, channels_last, patch):
-    """The whole swap, with a 4-d target, on both backends from the same seed: same bits."""
+@pytest.mark.parametrize("patch", [1, 3, (2, 5), 8])
+@pytest.mark.parametrize("pairing, region", [("random", "cells"), ("any", "box")])
+def test_swap_kernel_equals_fallback_every_dtype_and_layout(device, dtype, channels_last, patch, pairing, region):
+    """The whole swap, with a 4-d target, on both backends from the same seed: same bits
+    (narrow cells in a box go run by run on the CPU, scattered ones by selection)."""
     if not kernel_available(device):
         pytest.skip(f"no {device} kernel built")
     g = torch.Generator().manual_seed(1234)
-    images = random_bits((11, 3, 13, 17), torch.float32, generator=g, device=device)
+    # Images cannot be int64 (a mask's dtype); the same width instead.
+    image_dtype = torch.float64 if dtype == torch.int64 else dtype
+    images = random_bits((11, 3, 13, 17), image_dtype, generator=g, channels_last=channels_last, device=device)
     target = random_bits((11, 2, 13, 17), dtype, generator=g, channels_last=channels_last, device=device)
     labels = torch.randint(0, 3, (11,), generator=g).to(device)
     results = []
@@ -113,35 +117,41 @@ def test_swap_kernel_equals_fallback_every_dtype_and_layout(device, dtype, chann
         x, t = images.clone(), target.clone()
         plan_gen = torch.Generator(device=device).manual_seed(99)
         plan = ipsd_cuda.swap(
-                x, labels, patch_size=patch, targets=[t], p=1.0, generator=plan_gen, backend=backend
+                x, labels, patch_size=patch, targets=[t], p=1.0, pairing=pairing, region=region, alpha=1.0,
+                generator=plan_gen, backend=backend,
             )
         assert plan.mask.any(), "the case should move something"
         results.append((x, t, plan))
     (xk, tk, pk), (xt, tt, pt) = results
     assert torch.equal(pk.partner, pt.partner) and torch.equal(pk.mask, pt.mask)
     assert same_bits(xk, xt) and same_bits(tk, tt)
-    assert same_bits(tk, reference_apply(target, pk, patch))
+    assert same_bits(xk, reference_apply(images, pk, patch)) and same_bits(tk, reference_apply(target, pk, patch))
     assert tk.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("pairing, region", [("random", "cells"), ("any", "box")])
 @pytest.mark.parametrize(
     "labels",
     [[], [4], [0, 1, 2, 3, 4], [2, 2, 2, 2, 2, 2, 2], [1, 1, 1]],
     ids=["empty", "one", "all-distinct", "one-class-odd", "one-class-of-3"],
 )
-def test_edge_batches(device, backend, labels):
-    """Empty and pair-less batches move nothing; one class pairs everything it can."""
+def test_edge_batches(device, backend, pairing, region, labels):
+    """Empty and pair-less batches move nothing; one class pairs everything it can, and so does
+    pairing="any" whatever the classes."""
     if backend == "kernel" and not kernel_available(device):
         pytest.skip(f"no {device} kernel built")
     g = torch.Generator().manual_seed(len(labels))
     y = torch.tensor(labels, dtype=torch.int64).to(device)
     images = random_bits((len(labels), 3, 9, 9), torch.float32, generator=g, device=device)
     before = images.clone()
-    plan = ipsd_cuda.swap(images, y, patch_size=4, backend=backend)
+    plan = ipsd_cuda.swap(images, y, patch_size=4, pairing=pairing, region=region, backend=backend)
     pairs = int((plan.partner >= 0).sum()) // 2
-    assert pairs == sum(labels.count(c) // 2 for c in set(labels))
+    if pairing == "any":
+        assert pairs == len(labels) // 2
+    else:
+        assert pairs == sum(labels.count(c) // 2 for c in set(labels))
     assert same_bits(images, reference_apply(before, plan, 4))
     if pairs == 0:
         assert same_bits(images, before) and not plan.mask.any()

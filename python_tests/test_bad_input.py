@@ -51,6 +51,8 @@ CASES = [
     ("alpha nan", ValueError, "alpha must be a finite number > 0", lambda x, y, s: ((x, y), kwargs(alpha=float("nan")))),
     ("swap_ratio nan", ValueError, r"swap_ratio must be in \[0, 1\]", lambda x, y, s: ((x, y), kwargs(swap_ratio=float("nan")))),
     ("pairing", ValueError, "pairing must be one of", lambda x, y, s: ((x, y), kwargs(pairing="class"))),
+    ("region", ValueError, "region must be one of", lambda x, y, s: ((x, y), kwargs(region="boxes"))),
+    ("region with any", ValueError, "region must be one of", lambda x, y, s: ((x, y), kwargs(pairing="any", region=None))),
     ("halves mismatch", ValueError, r"labels\[0\] = 0 != labels\[3\] = 1", lambda x, y, s: ((x, y), kwargs(pairing="halves", targets=[s]))),
     ("backend", ValueError, "backend must be one of", lambda x, y, s: ((x, y), kwargs(backend="cuda"))),
     ("generator type", TypeError, "generator must be a torch.Generator", lambda x, y, s: ((x, y), kwargs(generator=0))),

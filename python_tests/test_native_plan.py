@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 import ipsd_cuda
 from conftest import DEVICES, HAS_CUDA, kernel_available, random_bits, same_bits
 from ipsd_cuda import plan as plan_module
-from ipsd_cuda._fallback import make_plan_torch
+from ipsd_cuda._fallback import (
+    PAIR_ANY,
+    PAIR_CLASSES,
+    PAIR_HALVES,
+    REGION_BOX,
+    REGION_CELLS,
+    SCALE_ONE,
+    make_plan_torch,
+)
 from ipsd_cuda._ops import make_plan_kernel
 
 CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -26,22 +34,32 @@ def needs_kernel(device):
 @st.composite
 def plan_inputs(draw):
     n = draw(st.integers(0, 300))
-    halves = draw(st.booleans()) and n % 2 == 0
+    pairing = draw(st.sampled_from([PAIR_CLASSES, PAIR_HALVES, PAIR_ANY]))
+    if pairing == PAIR_HALVES and n % 2:
+        n -= 1
+    region = draw(st.sampled_from([REGION_CELLS, REGION_BOX]))
     grid = draw(
         st.one_of(
             st.tuples(st.integers(0, 9), st.integers(0, 9)),
-            st.sampled_from([(1, 1), (8, 8), (64, 64), (1, 4096), (17, 3)]),
+            st.sampled_from([(1, 1), (8, 8), (64, 64), (1, 4096), (17, 3), (5, 1)]),
         )
+    )
+    cells = grid[0] * grid[1]
+    # A number of cells, or a box's scale in 31-bit fixed point (beyond its range too).
+    sizes = st.integers(0, cells + 1) if region == REGION_CELLS else st.one_of(
+        st.sampled_from([0, 1, SCALE_ONE // 2, SCALE_ONE, SCALE_ONE + 1]), st.integers(0, SCALE_ONE)
     )
     return dict(
         n=n,
         classes=draw(st.integers(1, max(1, n))),
-        halves=halves,
+        pairing=pairing,
+        region=region,
         # Mostly matching halves, sometimes not: mismatched pairs stay unpaired.
-        mismatches=draw(st.integers(0, 2)) if halves else 0,
+        mismatches=draw(st.integers(0, 2)) if pairing == PAIR_HALVES else 0,
         grid=grid,
-        k=draw(st.integers(0, grid[0] * grid[1] + 1)),
-        per_pair_k=draw(st.booleans()),
+        size=draw(sizes),
+        per_pair_size=draw(st.booleans()),
+        size_seed=draw(st.integers(0, 2**31)),
         p=draw(st.sampled_from([0.0, 0.5, 1.0])),
         # A tiny key range makes ties, which the sample index must break.
         key_range=draw(st.sampled_from([2, 2**62])),
@@ -53,29 +71,41 @@ def plan_inputs(draw):
 @pytest.mark.parametrize("device", DEVICES)
 @given(case=plan_inputs())
 def test_native_plan_equals_fallback_on_any_keys(device, case):
-    """Same keys, same plan, including ties in the keys and mismatched halves."""
+    """Same keys, same plan, for every pairing and region, including ties in the keys,
+    mismatched halves and sizes out of range."""
     needs_kernel(device)
     g = torch.Generator().manual_seed(case["seed"])
     n, pairs = case["n"], case["n"] // 2
+    halves = case["pairing"] == PAIR_HALVES
     labels = torch.randint(0, case["classes"], (n,), generator=g, dtype=case["label_dtype"])
-    if case["halves"]:
+    if halves:
         labels[pairs:] = labels[:pairs]
         if pairs:
             labels[torch.randint(0, pairs, (case["mismatches"],), generator=g) + pairs] += 1
     keys = torch.randint(0, case["key_range"], (n + pairs,), generator=g)
-    cells = case["grid"][0] * case["grid"][1]
-    pair_k = torch.randint(-1, cells + 2, (pairs,), generator=g) if case["per_pair_k"] else None
+    pair_size = None
+    if case["per_pair_size"]:
+        high = case["grid"][0] * case["grid"][1] + 2 if case["region"] == REGION_CELLS else SCALE_ONE + 2
+        pair_size = torch.randint(-1, high, (pairs,), generator=torch.Generator().manual_seed(case["size_seed"]))
     threshold = int(case["p"] * 2**31)
-    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (labels, keys, pair_k)]
-    got = make_plan_kernel(*args, case["k"], threshold, case["grid"], case["halves"])
-    want = make_plan_torch(*args, case["k"], threshold, case["grid"], case["halves"])
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (labels, keys, pair_size)]
+    modes = (case["pairing"], case["region"])
+    got = make_plan_kernel(*args, case["size"], threshold, case["grid"], *modes)
+    want = make_plan_torch(*args, case["size"], threshold, case["grid"], *modes)
     for a, b, name in zip(got, want, ("partner", "mask", "error")):
         assert a.device == labels.to(device).device and torch.equal(a.cpu(), b.cpu()), name
     partner, mask, error = (t.cpu() for t in got)
-    if case["halves"]:
+    if halves:
         differ = (labels[:pairs] != labels[pairs:]).nonzero()
         assert int(error) == (int(differ[0, 0]) if differ.numel() else -1)
         assert (partner[labels != labels.roll(pairs)] == -1).all()
+    if case["pairing"] == PAIR_ANY:
+        assert int((partner >= 0).sum()) == n - n % 2, "everyone but an odd one out is paired"
+    if case["region"] == REGION_BOX and mask.numel():
+        # Each pair's cells form one box: as many as its rows times its columns.
+        rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)
+        assert torch.equal(mask.flatten(1).sum(1), rows * cols)
+        assert not mask.flatten(1).all(1).any() or case["grid"] in ((1, 1),), "never the whole grid"
 
 
 @st.composite
@@ -87,7 +117,8 @@ def plan_arguments(draw):
         swap_ratio=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])),
         alpha=draw(st.sampled_from([None, 0.2, 1.0, 5.0])),
         p=draw(st.sampled_from([0.0, 0.5, 1.0])),
-        pairing=draw(st.sampled_from(["random", "halves"])),
+        pairing=draw(st.sampled_from(["random", "halves", "any"])),
+        region=draw(st.sampled_from(["cells", "box"])),
         seed=draw(st.integers(0, 2**63 - 1)),
     )
 
@@ -105,7 +136,7 @@ def test_make_plan_and_swap_agree_across_backends(device, case):
     if case["pairing"] == "halves":
         labels[n // 2 :] = labels[: n // 2]
     labels = labels.to(device)
-    kwargs = {key: case[key] for key in ("swap_ratio", "alpha", "p", "pairing")}
+    kwargs = {key: case[key] for key in ("swap_ratio", "alpha", "p", "pairing", "region")}
     gh, gw = case["grid"]
     patch = (1, 1) if gh * gw > 100 else (2, 3)
     images = random_bits((n, 2, gh * patch[0], gw * patch[1]), torch.float32, generator=g, device=device)
@@ -188,11 +219,72 @@ def test_every_in_class_matching_is_equally_likely(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_pairs_across_classes_occur_at_the_rate_the_class_counts_imply(backend):
+    """pairing="any" is a uniform matching of the whole batch: a pair of classes (a, b) occurs
+    n_a * n_b / (N - 1) times in expectation, (a, a) n_a * (n_a - 1) / 2 / (N - 1) times."""
+    counts = {0: 15000, 1: 10000, 2: 5000}
+    labels = torch.cat([torch.full((c,), k) for k, c in counts.items()])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    n = len(labels)
+    plan = ipsd_cuda.make_plan(labels, (2, 2), pairing="any", generator=torch.Generator().manual_seed(14),
+                               backend=backend)
+    lead = plan.partner > torch.arange(n)
+    first, second = labels[lead], labels[plan.partner[lead]]
+    seen = Counter(zip(torch.minimum(first, second).tolist(), torch.maximum(first, second).tolist()))
+    expected = {(a, b): (counts[a] * counts[b] if a != b else counts[a] * (counts[a] - 1) / 2) / (n - 1)
+                for a in counts for b in counts if a <= b}
+    assert sum(seen.values()) == n // 2 and set(seen) <= set(expected)
+    statistic = sum((seen[t] - e) ** 2 / e for t, e in expected.items())
+    assert statistic < chi_square_bound(len(expected) - 1), seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_box_side_follows_the_beta_draw(backend):
+    """With alpha = 1 the share is uniform, so a box on a g x g grid has side b with probability
+    ((b + 1/2) / g)^2 - ((b - 1/2) / g)^2 (side 1 also takes the shares that round to 0), and a
+    box that would cover the grid loses a column."""
+    pairs, g = 30000, 6
+    plan = ipsd_cuda.make_plan(torch.zeros(2 * pairs, dtype=torch.int64), (g, g), alpha=1.0, p=1.0,
+                               region="box", generator=torch.Generator().manual_seed(15), backend=backend)
+    lead = plan.partner > torch.arange(2 * pairs)
+    mask = plan.mask[lead]
+    rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)
+    whole = rows == g
+    assert torch.equal(cols[whole], torch.full_like(cols[whole], g - 1))
+    assert torch.equal(cols[~whole], rows[~whole])
+
+    def below(b):  # P(round(sqrt(F) * g) < b) for F uniform on [0, 1]
+        return min(max((b - 0.5) / g, 0.0), 1.0) ** 2
+
+    expected = {b: pairs * ((1.0 if b == g else below(b + 1)) - below(1 if b == 1 else b)) for b in range(1, g + 1)}
+    seen = Counter(rows.tolist())
+    assert set(seen) == set(expected)
+    statistic = sum((seen[b] - e) ** 2 / e for b, e in expected.items())
+    assert statistic < chi_square_bound(g - 1), seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_box_position_is_uniform_where_it_fits(backend):
+    """A fixed share of 0.25 on a 5 x 7 grid: sides round(0.5 * 5) = 3 and round(0.5 * 7) = 4
+    (halves up), so the box has 3 x 4 places, each as likely."""
+    pairs = 24000
+    plan = ipsd_cuda.make_plan(torch.zeros(2 * pairs, dtype=torch.int64), (5, 7), swap_ratio=0.25, p=1.0,
+                               region="box", generator=torch.Generator().manual_seed(16), backend=backend)
+    mask = plan.mask[plan.partner > torch.arange(2 * pairs)]
+    assert torch.equal(mask.any(2).sum(1), torch.full((pairs,), 3))
+    assert torch.equal(mask.any(1).sum(1), torch.full((pairs,), 4))
+    corners = Counter(zip(mask.any(2).int().argmax(1).tolist(), mask.any(1).int().argmax(1).tolist()))
+    assert set(corners) == {(top, left) for top in range(3) for left in range(4)}
+    assert chi_square(corners.values(), pairs / 12) < chi_square_bound(11), corners
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("region", ["cells", "box"])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_activity_follows_p(backend, p):
+def test_activity_follows_p(backend, region, p):
     pairs = 20000
     plan = ipsd_cuda.make_plan(
-        torch.zeros(2 * pairs, dtype=torch.int64), (4, 4), p=p,
+        torch.zeros(2 * pairs, dtype=torch.int64), (4, 4), p=p, region=region,
         generator=torch.Generator().manual_seed(13), backend=backend,
     )
     active = int(plan.mask.flatten(1).any(dim=1).sum()) // 2
@@ -286,14 +378,19 @@ def test_deferred_check_is_only_for_cuda_halves():
 def test_plan_ops_opcheck(device):
     needs_kernel(device)
     g = torch.Generator().manual_seed(0)
-    for n, halves, grid, with_k in ((6, False, (3, 4), False), (8, True, (2, 2), True), (1, False, (1, 3), False)):
+    cases = ((6, PAIR_CLASSES, REGION_CELLS, (3, 4), False), (8, PAIR_HALVES, REGION_CELLS, (2, 2), True),
+             (1, PAIR_CLASSES, REGION_CELLS, (1, 3), False), (7, PAIR_ANY, REGION_BOX, (5, 6), True),
+             (6, PAIR_HALVES, REGION_BOX, (4, 4), False))
+    for n, pairing, region, grid, per_pair in cases:
         labels = torch.randint(0, 2, (n,), generator=g).to(device)
-        if halves:
+        if pairing == PAIR_HALVES:
             labels[n // 2 :] = labels[: n // 2]
         keys = torch.randint(0, 2**62, (n + n // 2,), generator=g).to(device)
-        pair_k = torch.randint(0, 4, (n // 2,), generator=g).to(device) if with_k else None
+        high = 4 if region == REGION_CELLS else SCALE_ONE
+        pair_size = torch.randint(0, high, (n // 2,), generator=g).to(device) if per_pair else None
+        size = 2 if region == REGION_CELLS else SCALE_ONE // 3
         torch.library.opcheck(torch.ops.ipsd_cuda.make_plan.default,
-                              (labels, keys, pair_k, 2, 2**30, *grid, halves))
+                              (labels, keys, pair_size, size, 2**30, *grid, pairing, region))
         x = random_bits((n, 3, grid[0] * 2, grid[1] * 2), torch.float32, generator=g, device=device)
         torch.library.opcheck(torch.ops.ipsd_cuda.swap_.default,
-                              (x, labels, keys, pair_k, 2, 2**30, 2, 2, halves))
+                              (x, labels, keys, pair_size, size, 2**30, 2, 2, pairing, region))

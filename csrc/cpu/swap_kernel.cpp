@@ -86,18 +86,32 @@ void swap_cells(
   // Listing the pairs first gives every task whole pairs to move, whatever
   // the pairing: with pairing="halves" all lower members sit in the first
   // half, and a split over samples would idle half the threads. Pairs that
-  // exchange nothing (inactive ones) are left out.
+  // exchange nothing (inactive ones) are left out. The same pass counts the
+  // runs of adjacent exchanged cells in a grid row, which decide the method.
   std::vector<int64_t> leaders;
+  int64_t cells = 0;
+  int64_t runs = 0;
   for (int64_t i = 0; i < n; ++i) {
+    if (!leads_pair(partner, n, i)) {
+      continue;
+    }
     const bool* m = mask + i * l.cells;
-    if (leads_pair(partner, n, i) && std::any_of(m, m + l.cells, [](bool v) { return v; })) {
+    int64_t pair_cells = 0;
+    int64_t pair_runs = 0;
+    for (int64_t c = 0; c < l.cells; ++c) {
+      pair_cells += m[c];
+      pair_runs += m[c] && (c % l.grid_w == 0 || !m[c - 1]);
+    }
+    if (pair_cells > 0) {
       leaders.push_back(i);
+      cells += pair_cells;
+      runs += pair_runs;
     }
   }
   const int64_t sample = l.sample_units();
   const int64_t pairs = static_cast<int64_t>(leaders.size());
   const int64_t unit_bytes = sizeof(unit_t);
-  if (l.cell_units * unit_bytes < kSelectBelowBytes) {
+  if (cells * l.cell_units * unit_bytes < runs * kSelectBelowBytes) {
     // A task moves at least ~64 KiB.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (2 * sample * unit_bytes));
     const int64_t plane = l.rows * l.row_units;
@@ -162,7 +176,7 @@ int64_t pair_samples(
     std::vector<int64_t>* leaders) {
   const int64_t n = a.n;
   std::fill(partner, partner + n, int64_t{-1});
-  if (a.halves) {
+  if (a.halves()) {
     const int64_t half = n / 2;
     int64_t error = -1;
     leaders->assign(half, -1);
@@ -177,15 +191,18 @@ int64_t pair_samples(
     }
     return error;
   }
+  // pairing="any" orders the samples as if they all had label 0.
+  const bool any = a.pairing == kPairAny;
+  auto label = [&](int64_t i) { return any ? label_t{0} : labels[i]; };
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t{0});
   std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return sample_before(labels[x], a.keys[x], x, labels[y], a.keys[y], y);
+    return sample_before(label(x), a.keys[x], x, label(y), a.keys[y], y);
   });
   leaders->clear();
   for (int64_t begin = 0; begin < n;) {
     int64_t end = begin + 1;
-    while (end < n && labels[order[end]] == labels[order[begin]]) {
+    while (end < n && label(order[end]) == label(order[begin])) {
       ++end;
     }
     for (int64_t r = begin; r + 1 < end; r += 2) {
@@ -198,8 +215,8 @@ int64_t pair_samples(
   return -1;
 }
 
-// Sets, for every active pair, the k cells that come first in cell_order,
-// in the masks of both members.
+// Sets, for every active pair, its region's cells (the k that come first in
+// cell_order, or its box) in the masks of both members.
 void choose_cells(
     const PlanArgs& a,
     const std::vector<int64_t>& leaders,
@@ -217,18 +234,22 @@ void choose_cells(
     for (int64_t s = begin; s < end; ++s) {
       const int64_t i = leaders[s];
       const int64_t key = a.keys[a.n + s];
-      const int64_t k = a.pair_k != nullptr ? a.pair_k[s] : a.k;
-      if (i < 0 || !pair_active(key, a.threshold) || k <= 0) {
+      const int64_t size = a.size_of(s);
+      if (i < 0 || !pair_active(key, a.threshold) || size <= 0) {
         continue;
       }
       bool* mi = mask + i * cells;
       bool* mj = mask + partner[i] * cells;
-      if (k >= cells) {
+      if (a.region == kRegionBox) {
+        const CellRect box = pair_box(pair_seed(key), size, a.grid_h, a.grid_w);
+        for (int64_t row = box.top; row < box.top + box.rows; ++row) {
+          std::fill_n(mi + row * a.grid_w + box.left, box.cols, true);
+        }
+      } else if (size >= cells) {
         std::fill(mi, mi + cells, true);
-        std::fill(mj, mj + cells, true);
-        continue;
+      } else {
+        chooser.choose(pair_seed(key), cells, size, mi);
       }
-      chooser.choose(pair_seed(key), cells, k, mi);
       std::copy(mi, mi + cells, mj);
     }
   });
@@ -266,14 +287,15 @@ void dispatch_unit(int64_t unit, void* data, Fn&& fn) {
 PlanTensors make_plan_cpu(
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t grid_h,
     int64_t grid_w,
-    bool halves) {
+    int64_t pairing,
+    int64_t region) {
   const PlanArgs a = check_plan_args(
-      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, labels.device());
+      labels, keys, pair_size, size, threshold, grid_h, grid_w, pairing, region, labels.device());
   PlanTensors plan = empty_plan(labels, grid_h, grid_w);
   auto& [partner, mask, error] = plan;
   draw_plan(labels, a, partner, mask, error);
@@ -284,15 +306,16 @@ PlanTensors swap_cpu(
     at::Tensor& x,
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t patch_h,
     int64_t patch_w,
-    bool halves) {
+    int64_t pairing,
+    int64_t region) {
   const SwapArgs s = check_swap_args(
-      x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves, kMaxUnitBytes);
-  PlanTensors plan = empty_plan(labels, s.grid_h, s.grid_w);
+      x, labels, keys, pair_size, size, threshold, patch_h, patch_w, pairing, region, kMaxUnitBytes);
+  PlanTensors plan = empty_plan(labels, s.plan.grid_h, s.plan.grid_w);
   auto& [partner, mask, error] = plan;
   draw_plan(labels, s.plan, partner, mask, error);
   if (s.unit != 0) {

@@ -13,8 +13,9 @@
 // order (one thread per sample, counting over shared-memory tiles of the
 // batch); choose_cells_kernel then takes one leading sample per block row,
 // numbers its pair by counting the leaders placed before it, ranks the
-// pair's cells (one warp per cell) and, for swap_, exchanges the chosen cells
-// at once, with the apply kernel's per-warp cell copy.
+// pair's cells (one warp per cell) or places its box and, for swap_,
+// exchanges the chosen cells at once, with the apply kernel's per-warp cell
+// copy.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -93,18 +94,18 @@ __global__ void __launch_bounds__(kCellThreads) apply_plan_kernel(
 // Places every sample in the pairing order: its partner, its position, and
 // at that position whether it leads a pair (flag). With pairing="halves",
 // i pairs with i + N/2 when their labels agree, and flag[i] marks a pair
-// whose labels differ (left unpaired).
+// whose labels differ (left unpaired). pairing="any" takes every label as 0.
 template <typename label_t>
 __global__ void __launch_bounds__(kPairThreads) pair_samples_kernel(
     const label_t* __restrict__ labels,
     const int64_t* __restrict__ keys,
     int64_t n,
-    bool halves,
+    int64_t pairing,
     int64_t* __restrict__ partner,
     int64_t* __restrict__ position,
     uint8_t* __restrict__ flag) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kPairThreads + threadIdx.x;
-  if (halves) {
+  if (pairing == kPairHalves) {
     const int64_t half = n / 2;
     if (i < half) {
       const bool same = labels[i] == labels[i + half];
@@ -117,11 +118,12 @@ __global__ void __launch_bounds__(kPairThreads) pair_samples_kernel(
   __shared__ label_t tile_label[kPairThreads];
   __shared__ int64_t tile_key[kPairThreads];
   const bool valid = i < n;
-  SampleScan<label_t> scan(valid ? labels[i] : label_t{0}, valid ? keys[i] : 0, i);
+  const bool any = pairing == kPairAny;
+  SampleScan<label_t> scan(valid && !any ? labels[i] : label_t{0}, valid ? keys[i] : 0, i);
   for (int64_t base = 0; base < n; base += kPairThreads) {
     const int64_t j = base + threadIdx.x;
     if (j < n) {
-      tile_label[threadIdx.x] = labels[j];
+      tile_label[threadIdx.x] = any ? label_t{0} : labels[j];
       tile_key[threadIdx.x] = keys[j];
     }
     __syncthreads();
@@ -162,7 +164,7 @@ __device__ __forceinline__ int warp_sum(int v) {
 // One block writes the plan's error: the first i < N/2 whose pair was left
 // unpaired by pairing="halves", else -1.
 __device__ void write_error(const CellPlan& p, int tid) {
-  if (!p.a.halves) {
+  if (!p.a.halves()) {
     if (tid == 0) {
       *p.error = -1;
     }
@@ -188,9 +190,10 @@ __device__ void write_error(const CellPlan& p, int tid) {
 }
 
 // Block row i: if sample i leads a pair, the pair's cells (one warp each)
-// are ranked in cell_order and the first k chosen, in the masks of both
-// members and, when data is given, exchanged. Unpaired samples get an empty
-// mask; the other member of a pair is written by its leader.
+// are ranked in cell_order and the first k chosen (or, in the "box" region,
+// those inside its box), in the masks of both members and, when data is
+// given, exchanged. Unpaired samples get an empty mask; the other member of
+// a pair is written by its leader.
 template <typename unit_t, typename index_t>
 __global__ void __launch_bounds__(kCellThreads) choose_cells_kernel(
     CellPlan p,
@@ -213,11 +216,11 @@ __global__ void __launch_bounds__(kCellThreads) choose_cells_kernel(
       }
       continue;
     }
-    if (p.a.halves ? i >= n / 2 : p.flag[p.position[i]] == 0) {
+    if (p.a.halves() ? i >= n / 2 : p.flag[p.position[i]] == 0) {
       continue;
     }
     int64_t pair = i;
-    if (!p.a.halves) {
+    if (!p.a.halves()) {
       // Pairs are numbered by their leader's position.
       const int64_t pos = p.position[i];
       pair = 0;
@@ -227,18 +230,22 @@ __global__ void __launch_bounds__(kCellThreads) choose_cells_kernel(
       }
     }
     const int64_t key = p.a.keys[n + pair];
-    const int64_t k = p.a.pair_k != nullptr ? p.a.pair_k[pair] : p.a.k;
-    const bool active = k > 0 && pair_active(key, p.a.threshold);
+    const int64_t size = p.a.size_of(pair);
+    const bool active = size > 0 && pair_active(key, p.a.threshold);
     const uint32_t seed = pair_seed(key);
+    const bool boxed = p.a.region == kRegionBox;
+    const CellRect box = boxed && active ? pair_box(seed, size, p.a.grid_h, p.a.grid_w) : CellRect{0, 0, 0, 0};
     for (int64_t c = first_cell; c < cells; c += cell_step) {
       bool chosen = false;
-      if (active) {
+      if (boxed) {
+        chosen = box.contains(c / p.a.grid_w, c % p.a.grid_w);
+      } else if (active) {
         const uint64_t mine = cell_order(seed, c);
         int ahead = 0;
         for (int64_t other = threadIdx.x; other < cells; other += kWarp) {
           ahead += cell_order(seed, other) < mine;
         }
-        chosen = warp_sum(ahead) < k;
+        chosen = warp_sum(ahead) < size;
       }
       if (threadIdx.x == 0) {
         p.mask[i * cells + c] = chosen;
@@ -318,12 +325,10 @@ void apply_plan_cuda(
 PlanTensors run_plan(
     const at::Tensor& labels,
     const PlanArgs& a,
-    int64_t grid_h,
-    int64_t grid_w,
     at::Tensor* x,
     const SwapLayout& l,
     int64_t unit) {
-  PlanTensors plan = empty_plan(labels, grid_h, grid_w);
+  PlanTensors plan = empty_plan(labels, a.grid_h, a.grid_w);
   at::Tensor& partner = std::get<0>(plan);
   at::Tensor& error = std::get<2>(plan);
   if (a.n == 0) {
@@ -333,7 +338,7 @@ PlanTensors run_plan(
   const c10::cuda::CUDAGuard guard(labels.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto bytes = labels.options().dtype(at::kByte);
-  at::Tensor position = at::empty({a.halves ? 0 : a.n}, labels.options().dtype(at::kLong));
+  at::Tensor position = at::empty({a.halves() ? 0 : a.n}, labels.options().dtype(at::kLong));
   at::Tensor flag = at::empty({a.n}, bytes);
   const auto blocks = static_cast<unsigned>((a.n + kPairThreads - 1) / kPairThreads);
   AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "pair_samples", [&] {
@@ -341,7 +346,7 @@ PlanTensors run_plan(
         labels.data_ptr<index_t>(),
         a.keys,
         a.n,
-        a.halves,
+        a.pairing,
         partner.data_ptr<int64_t>(),
         position.data_ptr<int64_t>(),
         flag.data_ptr<uint8_t>());
@@ -371,30 +376,32 @@ PlanTensors run_plan(
 PlanTensors make_plan_cuda(
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t grid_h,
     int64_t grid_w,
-    bool halves) {
+    int64_t pairing,
+    int64_t region) {
   const PlanArgs a = check_plan_args(
-      labels, keys, pair_k, k, threshold, grid_h, grid_w, halves, labels.device());
-  return run_plan(labels, a, grid_h, grid_w, nullptr, SwapLayout{}, 0);
+      labels, keys, pair_size, size, threshold, grid_h, grid_w, pairing, region, labels.device());
+  return run_plan(labels, a, nullptr, SwapLayout{}, 0);
 }
 
 PlanTensors swap_cuda(
     at::Tensor& x,
     const at::Tensor& labels,
     const at::Tensor& keys,
-    const std::optional<at::Tensor>& pair_k,
-    int64_t k,
+    const std::optional<at::Tensor>& pair_size,
+    int64_t size,
     int64_t threshold,
     int64_t patch_h,
     int64_t patch_w,
-    bool halves) {
+    int64_t pairing,
+    int64_t region) {
   const SwapArgs s = check_swap_args(
-      x, labels, keys, pair_k, k, threshold, patch_h, patch_w, halves, sizeof(uint4));
-  return run_plan(labels, s.plan, s.grid_h, s.grid_w, &x, s.layout, s.unit);
+      x, labels, keys, pair_size, size, threshold, patch_h, patch_w, pairing, region, sizeof(uint4));
+  return run_plan(labels, s.plan, &x, s.layout, s.unit);
 }
 
 } // namespace
