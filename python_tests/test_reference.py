@@ -29,9 +29,8 @@ def run_train(tmp_path, *args):
 def test_compare_one_epoch_writes_metrics_and_plot(tmp_path, capsys):
     metrics, out = run_train(tmp_path, "--method", "compare", "--seeds", "0", "1", "--batch-size", "32")
     assert (out / "curves.png").stat().st_size > 0
-    assert [(r["method"], r["seed"]) for r in metrics["runs"]] == [
-        (m, s) for s in (0, 1) for m in ("ce", "cskd", "ips")
-    ]
+    compared = train.COMPARED
+    assert [(r["method"], r["seed"]) for r in metrics["runs"]] == [(m, s) for s in (0, 1) for m in compared]
     for run in metrics["runs"]:
         epoch = run["epochs"][0]
         assert set(epoch["test"]) == {"top1", "nll", "ece"} and epoch["images_per_s"] > 0
@@ -40,12 +39,42 @@ def test_compare_one_epoch_writes_metrics_and_plot(tmp_path, capsys):
         if run["method"] == "ips":
             assert epoch["train"]["pairs_per_batch"] == 32 and epoch["swap_s"] > 0
             assert 0 <= epoch["train"]["first_teacher"] <= 1
+        else:
+            assert epoch["train"]["first_teacher"] is None
         if run["method"] == "ce":
-            assert epoch["train"]["kd"] == 0
-    assert set(metrics["summary"]) == {"ce", "cskd", "ips"}
-    assert metrics["summary"]["ips"]["top1"]["values"] == [r["final"]["top1"] for r in metrics["runs"][2::3]]
+            assert epoch["train"]["kd"] == 0 and epoch["swap_s"] is None
+    assert set(metrics["summary"]) == set(compared)
+    ips = compared.index("ips")
+    assert metrics["summary"]["ips"]["top1"]["values"] == [
+        r["final"]["top1"] for r in metrics["runs"][ips :: len(compared)]
+    ]
     printed = capsys.readouterr().out
-    assert "± " in printed and "ips" in printed
+    assert "± " in printed and "ips" in printed and "cutmix" in printed
+
+
+@pytest.mark.parametrize(
+    "method, backward_per_step",
+    [("ce", 32), ("cskd", 32), ("ips", 64), ("cutmix", 32), ("swap-across", 64)],
+)
+def test_every_method_trains_and_counts_its_backward_images(tmp_path, method, backward_per_step):
+    """Anchors and partners both go through the backward pass for ips and swap-across, the anchors
+    alone for cskd; ce and cutmix draw plain batches of --batch-size."""
+    metrics, _ = run_train(tmp_path, "--method", method, "--batch-size", "32", "--pipeline", "resident")
+    epoch = metrics["runs"][0]["epochs"][0]
+    assert np.isfinite(epoch["train"]["loss"]) and np.isfinite(epoch["test"]["nll"])
+    assert epoch["backward_images"] == epoch["steps"] * backward_per_step
+    swaps = method in ("ips", "cutmix", "swap-across")
+    assert (epoch["swap_s"] is not None and epoch["swap_s"] > 0) == swaps
+
+
+def test_swap_across_pairs_classes_and_ips_takes_a_box(tmp_path):
+    """swap-across pairs the anchors-and-partners batch across classes (4 classes: most pairs
+    differ); ips with --region box draws its swapped pairs."""
+    metrics, _ = run_train(tmp_path, "--method", "swap-across", "--batch-size", "32", "--p", "1")
+    train_stats = metrics["runs"][0]["epochs"][0]["train"]
+    assert train_stats["pairs_per_batch"] == 32 and 0.5 < train_stats["cross_class"] < 1
+    metrics, out = run_train(tmp_path, "--method", "ips", "--region", "box", "--batch-size", "32")
+    assert metrics["config"]["region"] == "box" and (out / "swaps-seed0.png").stat().st_size > 0
 
 
 def test_same_seed_same_initial_weights_and_result(tmp_path):
@@ -272,18 +301,25 @@ def test_cli_output(tmp_path, capsys):
 
 def test_regime_study_tiny_grid_resumes(tmp_path, capsys):
     out = tmp_path / "regimes"
-    argv = ["--data", "synthetic", "--sizes", "4", "8", "--ablation-size", "4", "--epochs", "4:1", "8:1",
-            "--evals", "1", "--seeds", "0", "--jobs", "1", "--out", str(out),
+    argv = ["--data", "synthetic", "--sizes", "4", "8", "--ablations", "--ablation-size", "4", "--epochs", "4:1",
+            "8:1", "--evals", "1", "--seeds", "0", "--jobs", "1", "--out", str(out),
             "--train-args", "--batch-size 8 --pipeline resident"]
     regimes.main(argv)
     files = sorted(p.name for p in (out / "runs").glob("*.json"))
-    best = json.loads((out / "summary.json").read_text())
-    ips_cells = [c for c in regimes.IPS_CELLS if c in best["cells"]["8"]]
-    # Every cell at the ablation size; CE, CS-KD, IPS and the best IPS cell at the other.
-    assert len(files) == len(regimes.CELLS) + 3 + (len(ips_cells) == 2)
-    assert set(best["cells"]["4"]) == set(regimes.CELLS)
+    summary = json.loads((out / "summary.json").read_text())
+    # The comparison at every size, the ablations at the ablation size.
+    assert len(files) == 2 * len(regimes.COMPARISON) + len(regimes.ABLATIONS)
+    assert set(summary["cells"]["4"]) == set(regimes.CELLS)
+    assert set(summary["cells"]["8"]) == set(regimes.COMPARISON)
     record = json.loads((out / "runs" / "4-ips-seed0.json").read_text())
     assert record["run"]["epochs"][0]["train"]["gap"] is not None
+    # The compute-fair cells train twice the epochs and back-propagate twice the images.
+    double = json.loads((out / "runs" / "8-ce-2x-seed0.json").read_text())
+    single = json.loads((out / "runs" / "8-ce-seed0.json").read_text())
+    assert len(double["run"]["epochs"]) == 2 * len(single["run"]["epochs"])
+    cells = summary["cells"]["8"]
+    assert cells["ce-2x"]["backward_images"]["mean"] == 2 * cells["ce"]["backward_images"]["mean"]
+    assert cells["ips"]["backward_images"]["mean"] == cells["ce-2x"]["backward_images"]["mean"]
     assert (out / "regimes.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     table_md = (out / "table.md").read_text()
     assert table_md.count("\n") == 2 + len(files)
@@ -326,13 +362,13 @@ def test_epochs_for_budget_from_a_timing_run(tmp_path):
     fits = int(re.search(r"epochs that fit 1000 s: (\d+)", result.stdout).group(1))
     per_epoch = sum(train.epoch_seconds(r) for r in metrics["runs"])
     assert fits <= 1000 / per_epoch and fits > 0
-    assert all(m in result.stdout for m in ("ce", "cskd", "ips"))
+    assert all(m in result.stdout for m in train.COMPARED)
 
 
 def test_regime_study_in_worker_processes(tmp_path):
     """The study's default path: runs in spawned worker processes, progress through a queue."""
     out = tmp_path / "regimes"
-    regimes.main(["--data", "synthetic", "--sizes", "4", "--ablation-size", "4", "--epochs", "4:1", "--evals", "1",
+    regimes.main(["--data", "synthetic", "--sizes", "4", "--epochs", "4:1", "--evals", "1",
                   "--seeds", "0", "--jobs", "2", "--out", str(out), "--train-args", "--batch-size 8"])
-    assert len(list((out / "runs").glob("*.json"))) == len(regimes.CELLS)
+    assert len(list((out / "runs").glob("*.json"))) == len(regimes.COMPARISON)
     assert json.loads((out / "summary.json").read_text())["sizes"] == ["4"]

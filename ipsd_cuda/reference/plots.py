@@ -22,31 +22,32 @@ def plot_swaps(swapped: torch.Tensor, plan: ipsd_cuda.SwapPlan, patch: Tuple[int
                pairs: int = 6) -> int:
     """The first pairs of a batch that exchanged cells, before and after, exchanged cells outlined.
 
-    ``swapped`` is the batch after the swap, pairs ``i`` and ``i + N/2``
-    (``pairing="halves"``); the batch before is recovered by applying the
-    plan again, since exchanging the same cells twice restores both images.
-    Returns the number of pairs drawn (0: no pair swapped, nothing written).
+    ``swapped`` is the batch after the swap; the batch before is recovered by
+    applying the plan again, since exchanging the same cells twice restores
+    both images. Pairs are shown by their lower member. Returns the number of
+    pairs drawn (0: no pair swapped, nothing written).
     """
     after = swapped.detach().cpu()
     plan = plan.to("cpu")
     before = after.clone()
     ipsd_cuda.apply_plan(before, plan, patch_size=patch)
-    half = len(after) // 2
-    active = plan.mask[:half].flatten(1).any(1)
-    shown = active.nonzero().squeeze(1)[:pairs].tolist()
+    index = torch.arange(len(after))
+    leads = (plan.partner > index) & plan.mask.flatten(1).any(1)
+    shown = leads.nonzero().squeeze(1)[:pairs].tolist()
     if not shown:
         return 0
+    mates = [int(plan.partner[i]) for i in shown]
     plt = pyplot()
     from matplotlib.patches import Rectangle
 
     ph, pw = min(patch[0], after.shape[-2]), min(patch[1], after.shape[-1])
-    rows = [(before, 0, "anchor"), (before, half, "partner"), (after, 0, "anchor, swapped"),
-            (after, half, "partner, swapped")]
+    rows = [(before, shown, "first"), (before, mates, "second"), (after, shown, "first, swapped"),
+            (after, mates, "second, swapped")]
     fig, axes = plt.subplots(4, len(shown), figsize=(1.4 * len(shown) + 0.6, 6), squeeze=False)
-    for r, (images, offset, label) in enumerate(rows):
-        for c, i in enumerate(shown):
+    for r, (images, members, label) in enumerate(rows):
+        for c, (i, member) in enumerate(zip(shown, members)):
             ax = axes[r, c]
-            image = images[i + offset].float()
+            image = images[member].float()
             ax.imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0) / 255).numpy(), cmap="gray")
             for gy, gx in plan.mask[i].nonzero().tolist():
                 ax.add_patch(Rectangle((gx * pw - 0.5, gy * ph - 0.5), pw, ph, fill=False, edgecolor="red",
@@ -54,7 +55,8 @@ def plot_swaps(swapped: torch.Tensor, plan: ipsd_cuda.SwapPlan, patch: Tuple[int
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{title}: {int(active.sum())} of {half} pairs swapped; exchanged cells outlined", fontsize=9)
+    paired = int((plan.partner >= 0).sum()) // 2
+    fig.suptitle(f"{title}: {int(leads.sum())} of {paired} pairs swapped; exchanged cells outlined", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,32 +1,37 @@
-"""The regime study: where, in training-set size, does intra-class patch swap help?
+"""The regime study: where, in training-set size, does intra-class patch swap help, and at what cost?
 
-Trains CE, CS-KD, IPS at the package defaults and IPS's ablations on
-class-balanced training subsets (``--sizes`` images per class, one fixed
-subset draw, the smaller inside the larger), tests on the full test set,
-with schedules long enough for CE to fit its training set, over several
-seeds. The ablations tell the parts of IPS apart:
+Trains CE, CS-KD, IPS and what users run instead on class-balanced training
+subsets (``--sizes`` images per class, one fixed subset draw, the smaller
+inside the larger), tests on the full test set, with schedules long enough
+for CE to fit its training set, over several seeds. At every size:
 
-- ``ips-p0``: ``p = 0``, distillation between clean intra-class pairs, no swap;
-- ``swap-only``: the swap with KD weight 0 (cross-entropy on swapped images);
-- ``ips-t4``: the usual KD temperature, 4;
-- ``ips-beta{a}``: each pair's share of cells drawn from ``Beta(a, a)``
-  instead of a fixed half, which should make the two members of a pair
-  differ more in confidence (the training records log that gap per epoch).
+- ``ce``, ``cskd``, ``ips`` (package defaults) and ``ips-beta0.5`` (each
+  pair's share of cells from Beta(0.5, 0.5), the best IPS setting of the
+  0.2.0 study's ablations, chosen there on the test set);
+- ``cutmix``: CutMix with a box for every pair (alpha 1, every batch), what
+  timm and torchvision users run instead;
+- ``swap-only`` (the swap, KD weight 0) against ``swap-across`` (the same
+  swap pairing across classes, with soft targets): whether the intra-class
+  constraint matters;
+- ``ips-box``: IPS with one box of cells instead of scattered cells;
+- ``ce-2x`` and ``cutmix-2x``: twice the epochs, as many images through the
+  backward pass as IPS (which back-propagates anchors and partners).
 
-By default the ablations run at ``--ablation-size`` only; the other sizes
-run CE, CS-KD, IPS and, once every seed of the ablations has finished, the
-IPS setting with the best mean test top-1 at the ablation size (``--full``:
-every cell at every size).
+With ``--ablations`` the 0.2.0 study's ablations of IPS run at
+``--ablation-size`` too (``ips-p0``: distillation between clean intra-class
+pairs, no swap; ``ips-t4``: the usual KD temperature; ``ips-beta1``,
+``ips-beta2``); ``--full`` runs every cell at every size.
 
 Every finished run is saved to ``OUT/runs/SIZE-CELL-seedS.json`` and skipped
 when the command is run again, so an interrupted study resumes where it
 stopped. One progress bar covers the whole grid. At the end (or alone, with
 ``--report``) the runs are summarised into ``OUT/summary.json``,
-``OUT/table.md`` (mean ± std over seeds), ``OUT/regimes.png`` (test top-1 and
+``OUT/table.md`` (mean ± std over seeds, with each cell's cost: images through
+the backward pass and wall time per run), ``OUT/regimes.png`` (test top-1 and
 ECE against images per class) and ``OUT/curves.png`` (CE's and IPS's
 per-epoch train top-1 and test NLL at every size).
 
-    python -m ipsd_cuda.reference.regimes                   # the README's study, ~2.5 h on 2 cores
+    python -m ipsd_cuda.reference.regimes                   # the README's study, ~5 h on 2 cores
     python -m ipsd_cuda.reference.regimes --report          # summarise what has finished
 """
 
@@ -49,23 +54,44 @@ import torch
 from . import train
 from .plots import pyplot
 
-# name -> (label, ipsd-train arguments)
-CELLS: Dict[str, tuple] = {
-    "ce": ("CE", ["--method", "ce"]),
-    "cskd": ("CS-KD (T = 4)", ["--method", "cskd"]),
-    "ips": ("IPS, defaults (p = 0.5, T = 1)", ["--method", "ips"]),
-    "ips-p0": ("IPS, p = 0 (no swap)", ["--method", "ips", "--p", "0"]),
-    "swap-only": ("swap only (KD weight 0)", ["--method", "ips", "--kd-weight", "0"]),
-    "ips-t4": ("IPS, T = 4", ["--method", "ips", "--temperature", "4"]),
-    "ips-beta0.5": ("IPS, Beta(0.5, 0.5) share", ["--method", "ips", "--alpha", "0.5"]),
-    "ips-beta1": ("IPS, Beta(1, 1) share", ["--method", "ips", "--alpha", "1"]),
-    "ips-beta2": ("IPS, Beta(2, 2) share", ["--method", "ips", "--alpha", "2"]),
+
+class Cell:
+    """One row of the study: a label, its ipsd-train arguments, its epochs as a multiple of the size's."""
+
+    def __init__(self, label: str, argv: List[str], epoch_factor: int = 1):
+        self.label, self.argv, self.epoch_factor = label, argv, epoch_factor
+
+    @property
+    def cost(self) -> float:
+        """Relative cost of the run, for the progress bar: CE one forward-backward per
+        anchor, CS-KD one more forward, CutMix a box swap more, IPS-like cells two
+        forward-backward passes; times the epoch factor."""
+        per_epoch = {"ce": 1.0, "cskd": 1.4, "cutmix": 1.05}.get(self.argv[1], 2.0)
+        return per_epoch * self.epoch_factor
+
+
+CELLS: Dict[str, Cell] = {
+    "ce": Cell("CE", ["--method", "ce"]),
+    "cskd": Cell("CS-KD (T = 4)", ["--method", "cskd"]),
+    "ips": Cell("IPS, defaults (p = 0.5, T = 1)", ["--method", "ips"]),
+    "ips-beta0.5": Cell("IPS, Beta(0.5, 0.5) share", ["--method", "ips", "--alpha", "0.5"]),
+    "cutmix": Cell("CutMix, a box per pair", ["--method", "cutmix"]),
+    "swap-only": Cell("swap only (KD weight 0)", ["--method", "ips", "--kd-weight", "0"]),
+    "swap-across": Cell("swap across classes, soft targets", ["--method", "swap-across"]),
+    "ips-box": Cell("IPS, one box of cells", ["--method", "ips", "--region", "box"]),
+    "ce-2x": Cell("CE, twice the epochs", ["--method", "ce"], 2),
+    "cutmix-2x": Cell("CutMix, twice the epochs", ["--method", "cutmix"], 2),
+    "ips-p0": Cell("IPS, p = 0 (no swap)", ["--method", "ips", "--p", "0"]),
+    "ips-t4": Cell("IPS, T = 4", ["--method", "ips", "--temperature", "4"]),
+    "ips-beta1": Cell("IPS, Beta(1, 1) share", ["--method", "ips", "--alpha", "1"]),
+    "ips-beta2": Cell("IPS, Beta(2, 2) share", ["--method", "ips", "--alpha", "2"]),
 }
-CORE = ("ce", "cskd", "ips")
-IPS_CELLS = tuple(name for name, (_, argv) in CELLS.items() if argv[1] == "ips")
-# Relative cost of an epoch: CE one forward-backward per anchor, CS-KD one
-# more forward, the IPS cells two forward-backward passes.
-COST = {"ce": 1.0, "cskd": 1.4}
+# The cells run at every size; the rest are the ablations.
+COMPARISON = ("ce", "cskd", "ips", "ips-beta0.5", "cutmix", "swap-only", "swap-across", "ips-box", "ce-2x",
+              "cutmix-2x")
+ABLATIONS = tuple(c for c in CELLS if c not in COMPARISON)
+# Drawn as full lines in the plot; the rest dotted.
+CORE = ("ce", "cskd", "ips", "cutmix")
 
 
 def parse_epochs(specs: List[str]) -> Dict[int, int]:
@@ -87,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", help="as ipsd-train's --data")
     p.add_argument("--data-dir", default=None, help="as ipsd-train's --data-dir")
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 500], help="training images per class")
-    p.add_argument("--ablation-size", type=int, default=100, help="the size at which every cell runs")
+    p.add_argument("--ablations", action="store_true", help="also the ablations of IPS, at --ablation-size")
+    p.add_argument("--ablation-size", type=int, default=100, help="the size at which the ablations run")
     p.add_argument("--full", action="store_true", help="every cell at every size")
     p.add_argument("--epochs", nargs="+", default=["50:150", "100:90", "500:30"],
                    help="SIZE:EPOCHS for every size")
@@ -113,7 +140,7 @@ class Study:
         missing = [s for s in args.sizes if s not in self.epochs]
         if missing:
             raise SystemExit(f"regimes: --epochs gives no epoch count for sizes {missing}")
-        if not args.full and args.ablation_size not in args.sizes:
+        if args.ablations and args.ablation_size not in args.sizes:
             raise SystemExit(f"regimes: --ablation-size {args.ablation_size} is not one of --sizes {args.sizes}")
         self.folder = Path(args.out) / "runs"
 
@@ -122,14 +149,15 @@ class Study:
         return self.folder / f"{size}-{cell}-seed{seed}.json"
 
     def planned(self) -> List[tuple]:
-        """The runs known before any result, seed by seed (an interrupted study then has every cell once
-        before it has any twice): the comparison at every size, then the ablations."""
+        """The runs, seed by seed (an interrupted study then has every cell once before it has any twice):
+        the comparison at every size, then the ablations."""
         a = self.args
         if a.full:
             cells = [(s, c) for s in a.sizes for c in CELLS]
         else:
-            cells = [(s, c) for s in a.sizes for c in CORE]
-            cells += [(a.ablation_size, c) for c in CELLS if c not in CORE]
+            cells = [(s, c) for s in a.sizes for c in COMPARISON]
+            if a.ablations:
+                cells += [(a.ablation_size, c) for c in ABLATIONS]
         return [(s, c, seed) for seed in a.seeds for s, c in cells]
 
     def finished(self, size: int, cell: str, seed: int) -> bool:
@@ -142,37 +170,19 @@ class Study:
                              f"({' '.join(saved['argv'])}); use another --out")
         return True
 
-    def best_ips(self) -> Optional[str]:
-        """The IPS cell with the best mean test top-1 at the ablation size, once all of its runs are done."""
-        if self.args.full:
-            return None
-        means = {}
-        for cell in IPS_CELLS:
-            runs = [load(self.path(self.args.ablation_size, cell, s)) for s in self.args.seeds]
-            if any(r is None for r in runs):
-                return None
-            means[cell] = statistics.fmean(r["run"]["final"]["top1"] for r in runs)
-        return max(means, key=means.get)
-
-    def followups(self, best: str) -> List[tuple]:
-        """The best IPS cell's runs at the other sizes (none when it is the defaults, already planned)."""
-        if self.args.full or best in CORE:
-            return []
-        return [(s, best, seed) for s in self.args.sizes if s != self.args.ablation_size for seed in self.args.seeds]
-
     def argv(self, size: int, cell: str, seed: int) -> List[str]:
         """The ipsd-train arguments of one run."""
-        a, epochs = self.args, self.epochs[size]
+        a, epochs = self.args, self.epochs[size] * CELLS[cell].epoch_factor
         argv = ["--data", a.data, "--per-class", str(size), "--epochs", str(epochs),
                 "--eval-every", str(max(1, epochs // a.evals)), "--seeds", str(seed), "--quiet",
-                "--no-swap-examples", "--out", str(Path(a.out)), *a.train_args.split(), *CELLS[cell][1]]
+                "--no-swap-examples", "--out", str(Path(a.out)), *a.train_args.split(), *CELLS[cell].argv]
         if a.data_dir:
             argv += ["--data-dir", a.data_dir]
         return argv
 
     def work(self, size: int, cell: str, num_classes: int) -> float:
         """The run's progress units: its anchor images over all epochs, weighted by the method's cost."""
-        return self.epochs[size] * size * num_classes * COST.get(cell, 2.0)
+        return self.epochs[size] * size * num_classes * CELLS[cell].cost
 
 
 def load(path: Path) -> Optional[dict]:
@@ -233,38 +243,15 @@ def run_one(argv: List[str], path: str, work: float, size: int, cell: str, seed:
 def execute(study: Study, num_classes: int) -> None:
     """Run every unfinished run of the grid, ``--jobs`` at a time, under one progress bar."""
     a = study.args
+    todo = [r for r in study.planned() if not study.finished(*r)]
+    bar = train.progress(total=sum(study.work(s, c, num_classes) for s, c, _ in todo), unit="img",
+                         unit_scale=True, desc="regimes", smoothing=0.05)
+    done = 0
 
-    def unfinished(runs):
-        return [r for r in runs if not study.finished(*r)]
-
-    def work(runs):
-        return sum(study.work(s, c, num_classes) for s, c, _ in runs)
-
-    todo = unfinished(study.planned())
-    best = study.best_ips()
-    if best is not None:
-        todo += unfinished(study.followups(best))
-    # Until the best IPS cell is known, its follow-ups are counted as IPS runs
-    # of some variant ("ips-p0" stands for any), and corrected once it is.
-    placeholder = study.followups("ips-p0") if best is None else []
-    counts = {"done": 0, "runs": len(todo) + len(placeholder)}
-    bar = train.progress(total=work(todo + placeholder), unit="img", unit_scale=True, desc="regimes",
-                         smoothing=0.05)
-
-    def finished(run) -> List[tuple]:
-        """Count a finished run; return the follow-ups it unlocks, if any."""
-        counts["done"] += 1
-        bar.set_postfix_str(f"{counts['done']}/{counts['runs']} runs, last {run[0]}/class {run[1]} seed {run[2]}",
-                           refresh=False)
-        if not placeholder or study.best_ips() is None:
-            return []
-        best_now = study.best_ips()
-        more = unfinished(study.followups(best_now))
-        bar.total += work(more) - work(placeholder)
-        counts["runs"] += len(more) - len(placeholder)
-        placeholder.clear()
-        bar.write(f"regimes: best IPS cell at {a.ablation_size}/class: {best_now}")
-        return more
+    def finished(run) -> None:
+        nonlocal done
+        done += 1
+        bar.set_postfix_str(f"{done}/{len(todo)} runs, last {run[0]}/class {run[1]} seed {run[2]}", refresh=False)
 
     def task(run):
         s, c, seed = run
@@ -273,12 +260,11 @@ def execute(study: Study, num_classes: int) -> None:
     if a.jobs == 1:
         torch.set_num_threads(a.threads)
         _worker["channel"] = queue.SimpleQueue()
-        while todo:
-            run = todo.pop(0)
+        for run in todo:
             run_one(*task(run))
             while not _worker["channel"].empty():
                 bar.update(_worker["channel"].get())
-            todo += finished(run)
+            finished(run)
     else:
         context = multiprocessing.get_context("spawn")
         channel = context.Queue()
@@ -288,11 +274,11 @@ def execute(study: Study, num_classes: int) -> None:
             while futures:
                 with contextlib.suppress(queue.Empty):
                     bar.update(channel.get(timeout=1.0))
-                done, _ = cf.wait(futures, timeout=0, return_when=cf.FIRST_COMPLETED)
-                for future in done:
+                completed, _ = cf.wait(futures, timeout=0, return_when=cf.FIRST_COMPLETED)
+                for future in completed:
                     run = futures.pop(future)
                     future.result()
-                    futures.update({pool.submit(run_one, *task(r)): r for r in finished(run)})
+                    finished(run)
             while not channel.empty():
                 bar.update(channel.get())
     bar.close()
@@ -325,7 +311,7 @@ def summarise(study: Study) -> dict:
             last = [run["epochs"][-1]["train"] for run in runs]
 
             out.setdefault(size, {})[cell] = {
-                "label": CELLS[cell][0],
+                "label": CELLS[cell].label,
                 "seeds": [r["seed"] for r in results],
                 **{k: stats([run["final"][k] for run in runs]) for k in ("top1", "nll", "ece")},
                 "train_top1": stats([e[-1]["train_eval"]["top1"] for e in evals]),
@@ -334,6 +320,8 @@ def summarise(study: Study) -> dict:
                 "gap_swapped": _gap(last, "gap_swapped"),
                 "gap_clean": _gap(last, "gap_clean"),
                 "wall_s": stats([r["wall_s"] for r in results]),
+                # Images whose gradient a run computed: its training cost, whatever the machine.
+                "backward_images": stats([sum(e["backward_images"] for e in run["epochs"]) for run in runs]),
             }
     return {"sizes": sorted(out, key=int), "cells": out}
 
@@ -346,13 +334,13 @@ def _cell(entry: Optional[dict], digits: int) -> str:
 
 
 def markdown(summary: dict) -> str:
-    """The summary as a markdown table, one row per size and cell."""
+    """The summary as a markdown table, one row per size and cell, with each cell's cost."""
     lines = [
         (
             "| images/class | method | test top-1 (%) | test NLL (best → final) | test ECE (%) | train top-1 (%) "
-            "| gap, swapped / clean pairs | seeds |"
+            "| gap, swapped / clean pairs | backward images (k) | wall per run (min) | seeds |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size in summary["sizes"]:
         for cell in CELLS:
@@ -360,9 +348,11 @@ def markdown(summary: dict) -> str:
             if e is None:
                 continue
             nll = f"{e['best_test_nll']['mean']:.3f} → {_cell(e['nll'], 3)}"
-            gaps = f"{_cell(e['gap_swapped'], 3)} / {_cell(e['gap_clean'], 3)}" if cell != "ce" else "–"
+            gaps = f"{_cell(e['gap_swapped'], 3)} / {_cell(e['gap_clean'], 3)}"
+            gaps = "–" if gaps == "– / –" else gaps
             lines.append(f"| {size} | {e['label']} | {_cell(e['top1'], 2)} | {nll} | {_cell(e['ece'], 2)} "
-                         f"| {_cell(e['train_top1'], 1)} | {gaps} | {len(e['seeds'])} |")
+                         f"| {_cell(e['train_top1'], 1)} | {gaps} | {e['backward_images']['mean'] / 1e3:.0f} "
+                         f"| {e['wall_s']['mean'] / 60:.1f} | {len(e['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -378,7 +368,7 @@ def plot_regimes(summary: dict, path: Path) -> None:
         for ax, key in zip(axes, ("top1", "ece")):
             ys = [e[key]["mean"] for _, e in points]
             err = [e[key]["std"] or 0.0 for _, e in points]
-            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, label=CELLS[cell][0],
+            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, label=CELLS[cell].label,
                         linestyle="-" if cell in CORE else ":", color=f"C{i}")
     for ax, label in zip(axes, ("test top-1 (%)", "test ECE (%, 15 bins)")):
         ax.set_xscale("log")

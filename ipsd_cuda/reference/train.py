@@ -2,17 +2,21 @@
 
 Trains the same model from the same initial weights with plain cross-entropy
 (``ce``), class-wise self-distillation (``cskd``, Yun et al. 2020: a same-class
-partner's softened prediction, under no grad, teaches the anchor) and
-intra-class patch swap self-distillation (``ips``, ours), and reports top-1,
-NLL and ECE per evaluation and at the end, as a table, ``metrics.json`` and a plot.
+partner's softened prediction, under no grad, teaches the anchor),
+intra-class patch swap self-distillation (``ips``, ours), CutMix with a box
+for every pair (``cutmix``) and IPS's swap across classes with soft targets
+(``swap-across``), and reports top-1, NLL and ECE per evaluation and at the
+end, as a table, ``metrics.json`` and a plot.
 
     python -m ipsd_cuda.reference.train --data fashion-mnist --method compare --seeds 0 1 2
     torchrun --nproc_per_node=2 -m ipsd_cuda.reference.train --data synthetic --method ips
 
-Batches: ``ce`` draws ``--batch-size`` shuffled samples per step; ``cskd`` and
-``ips`` draw ``--batch-size`` anchors plus one same-class partner each
-(:class:`ipsd_cuda.IntraClassPairSampler`), as in CS-KD. An epoch is one pass
-over the anchors for every method. ``--pipeline resident`` keeps the whole
+Batches: ``ce`` and ``cutmix`` draw ``--batch-size`` shuffled samples per
+step; ``cskd``, ``ips`` and ``swap-across`` draw ``--batch-size`` anchors plus
+one same-class partner each (:class:`ipsd_cuda.IntraClassPairSampler`), as in
+CS-KD. An epoch is one pass over the anchors for every method. Each method
+prepares its batches and takes its step (:mod:`ipsd_cuda.reference.methods`);
+the loop around them is shared. ``--pipeline resident`` keeps the whole
 training set on the device and augments and swaps the batches there
 (:mod:`ipsd_cuda.reference.batches`).
 """
@@ -35,8 +39,8 @@ from tqdm import tqdm
 
 import ipsd_cuda
 
-from . import batches, datasets
-from .methods import METHODS, STEPS, Batch, LossSettings
+from . import batches, datasets, methods
+from .methods import METHODS, LossSettings, SwapSettings
 from .metrics import classification_metrics
 from .models import MODELS, build_model
 from .plots import plot_curves, plot_swaps
@@ -132,11 +136,15 @@ def evaluate(model, x, y, normalize, batch_size, device, autocast):
 
 # The sums a step may report, in a fixed order so that the ranks can average one vector.
 SUMS = ("loss", "ce", "kd", "pairs", "first_teacher", "gap_swapped_sum", "swapped_pairs", "gap_clean_sum",
-        "clean_pairs", "batches")
+        "clean_pairs", "cross_class_pairs", "backward_images", "batches")
+
+# Methods of --method compare, in the order they train.
+COMPARED = ("ce", "cskd", "ips", "cutmix")
 
 
-def epoch_train_stats(totals: torch.Tensor, method: str) -> dict:
-    """Per-batch means of the loss terms and per-pair means of the confidence gaps."""
+def epoch_train_stats(totals: torch.Tensor, reported) -> dict:
+    """Per-batch means of the loss terms and per-pair means of the confidence gaps;
+    None for what the method's step did not report (``reported``: the keys it did)."""
     s = dict(zip(SUMS, totals.tolist()))
     batches_ = max(s["batches"], 1.0)
     pairs = s["swapped_pairs"] + s["clean_pairs"]
@@ -144,12 +152,17 @@ def epoch_train_stats(totals: torch.Tensor, method: str) -> dict:
     def ratio(num, den):
         return num / den if den > 0 else None
 
+    def per_batch(key):
+        return s[key] / batches_ if key in reported else None
+
     return {
         "loss": s["loss"] / batches_,
         "ce": s["ce"] / batches_,
         "kd": s["kd"] / batches_,
         "pairs_per_batch": s["pairs"] / batches_,
-        "first_teacher": s["first_teacher"] / batches_ if method == "ips" else None,
+        "first_teacher": per_batch("first_teacher"),
+        # pairing="any": the share of pairs whose members' classes differ.
+        "cross_class": ratio(s["cross_class_pairs"], s["pairs"]) if "cross_class_pairs" in reported else None,
         # Mean |p_teacher - p_student| on the true class, over all pairs, and
         # over the pairs that did (swapped) and did not (clean) exchange cells.
         "gap": ratio(s["gap_swapped_sum"] + s["gap_clean_sum"], pairs),
@@ -176,51 +189,48 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
     net = torch.nn.parallel.DistributedDataParallel(model) if dist_ctx.world > 1 else model
     if args.compile:
         net = torch.compile(net)
-    index = batches.IndexBatches(data.y_train, args.batch_size, paired=method != "ce", world=dist_ctx.world,
+    swap_settings = SwapSettings(args.patch_size, args.swap_ratio, args.alpha, args.p, args.region)
+    trainer = methods.build(method, LossSettings(args.temperature, args.cskd_temperature, args.kd_weight),
+                            swap_settings, data.num_classes, args.ce_on, args.swap_on)
+    index = batches.IndexBatches(data.y_train, args.batch_size, paired=trainer.paired, world=dist_ctx.world,
                                  rank=dist_ctx.rank, seed=seed)
-    loader_swaps = method == "ips" and args.swap_on == "loader"
+    collate = trainer.collate() if args.pipeline == "loader" else None
     if args.pipeline == "resident":
         source = batches.ResidentBatches(data.x_train, data.y_train, index, device, args.augment,
                                          seed=seed * 1000 + dist_ctx.rank)
     else:
-        collate = None
-        if loader_swaps:
-            collate = ipsd_cuda.PatchSwapCollate(args.patch_size, swap_ratio=args.swap_ratio, alpha=args.alpha,
-                                                 p=args.p, pairing="halves")
         source = batches.loader(data.x_train, data.y_train, index, args.augment, args.num_workers, collate)
+    timed = trainer.swaps and collate is None
     steps = args.epochs * len(source)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     normalize = Normalize(data.x_train, device, args.channels_last)
-    settings = LossSettings(args.temperature, args.cskd_temperature, args.kd_weight)
-    step = STEPS[method]
     amp_dtype = torch.bfloat16 if args.amp else None
-    patch = args.patch_size if isinstance(args.patch_size, tuple) else (args.patch_size,) * 2
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
-    def timed_swap(x, y, spans):
-        """Swap in place; append the call's seconds, or on CUDA its pair of
-        events, read once per epoch so that timing adds no sync per step."""
-        kwargs = {"patch_size": args.patch_size, "swap_ratio": args.swap_ratio, "alpha": args.alpha,
-                  "p": args.p, "pairing": "halves"}
+    def timed_prepare(x, y, plan, spans):
+        """The method's batch preparation (its swap), timed: appends the call's
+        seconds, or on CUDA its pair of events, read once per epoch so that
+        timing adds no sync per step."""
         if device.type != "cuda":
             t0 = time.perf_counter()
-            plan = ipsd_cuda.swap(x, y, **kwargs)
+            batch = trainer.prepare(x, y, plan)
             spans.append(time.perf_counter() - t0)
-            return plan
+            return batch
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         events[0].record()
-        plan = ipsd_cuda.swap(x, y, **kwargs)
+        batch = trainer.prepare(x, y, plan)
         events[1].record()
         spans.append(events)
-        return plan
+        return batch
 
-    show_swaps = method == "ips" and dist_ctx.main and args.swap_examples
+    show_swaps = dist_ctx.main and args.swap_examples
     eval_batch = 4 * args.batch_size
+    reported = set()
     epochs = []
     for epoch in range(args.epochs):
         index.set_epoch(epoch)
@@ -229,25 +239,21 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
         start = time.perf_counter()
         bar = progress(source, desc=f"{method} seed {seed} epoch {epoch + 1}/{args.epochs}", leave=False,
                        disable=not dist_ctx.main or args.quiet or not sys.stderr.isatty())
-        for batch in bar:
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            plan = batch[2].to(device) if len(batch) == 3 else None
-            clean = None
-            if method == "ips":
-                if plan is None:
-                    clean = x.clone() if args.ce_on == "clean" else None
-                    plan = timed_swap(x, y, swap_spans)
-                if show_swaps:
-                    path = Path(args.out) / f"swaps-seed{seed}.png"
-                    show_swaps = not plot_swaps(x, plan, patch, f"seed {seed}", path)
+        for loaded in bar:
+            x, y = loaded[0].to(device, non_blocking=True), loaded[1].to(device, non_blocking=True)
+            plan = loaded[2].to(device) if len(loaded) == 3 else None
+            batch = timed_prepare(x, y, plan, swap_spans) if timed else trainer.prepare(x, y, plan)
+            if show_swaps and batch.plan is not None:
+                path = Path(args.out) / f"swaps-seed{seed}.png"
+                show_swaps = not plot_swaps(batch.x, batch.plan, swap_settings.patch, f"{method}, seed {seed}", path)
             with autocast():
-                loss, stats = step(net, Batch(normalize(x), y, plan, None if clean is None else normalize(clean)),
-                                   settings)
+                loss, stats = trainer.step(net, batch.normalized(normalize))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             stats.update(loss=loss.detach(), batches=torch.ones((), device=device))
+            reported.update(stats)
             totals += torch.stack([stats[k].to(totals) if k in stats else totals.new_zeros(()) for k in SUMS])
             images_seen += len(y)
         if device.type == "cuda":
@@ -257,11 +263,13 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
         totals = dist_ctx.mean(totals).cpu()
         record = {
             "epoch": epoch + 1,
-            "train": epoch_train_stats(totals, method),
+            "train": epoch_train_stats(totals, reported),
             "steps": int(totals[SUMS.index("batches")]),
+            # Images whose gradient was computed, over all ranks: the method's cost.
+            "backward_images": int(totals[SUMS.index("backward_images")]) * dist_ctx.world,
             "images_per_s": images_seen * dist_ctx.world / elapsed,
             "epoch_s": elapsed,
-            "swap_s": swap_s if method == "ips" and not loader_swaps else None,
+            "swap_s": swap_s if timed else None,
             "lr": schedule.get_last_lr()[0],
         }
         last = epoch + 1 == args.epochs
@@ -313,6 +321,7 @@ def summarise(runs, methods=METHODS):
             statistics.fmean(e["images_per_s"] for e in r["epochs"]) for r in finals
         )
         entry["epoch_s"] = statistics.fmean(epoch_seconds(r) for r in finals)
+        entry["backward_images"] = statistics.fmean(sum(e["backward_images"] for e in r["epochs"]) for r in finals)
         summary[method] = entry
     return summary
 
@@ -327,14 +336,15 @@ def table(summary, seeds):
     """The summary as a fixed-width text table."""
     lines = [
         (
-            f"{'method':<6} {'top-1 (%)':>15} {'NLL':>17} {'ECE (%)':>15} {'img/s':>8} {'s/epoch':>8}"
+            f"{'method':<11} {'top-1 (%)':>15} {'NLL':>17} {'ECE (%)':>15} {'img/s':>8} {'s/epoch':>8} "
+            f"{'backward images':>15}"
             f"   ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
         ),
     ]
     for method, s in summary.items():
         cells = [mean_std(s[k], d) for k, d in (("top1", 2), ("nll", 4), ("ece", 2))]
-        lines.append(f"{method:<6} {cells[0]:>15} {cells[1]:>17} {cells[2]:>15} {s['images_per_s']:>8.0f} "
-                     f"{s['epoch_s']:>8.2f}")
+        lines.append(f"{method:<11} {cells[0]:>15} {cells[1]:>17} {cells[2]:>15} {s['images_per_s']:>8.0f} "
+                     f"{s['epoch_s']:>8.2f} {s['backward_images']:>15.0f}")
     return "\n".join(lines)
 
 
@@ -351,20 +361,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a class-balanced subset of this many images per class")
     p.add_argument("--subset-seed", type=int, default=0, help="the draw of --train-size / --per-class subsets")
     p.add_argument("--test-size", type=int, default=None, help="test on a random subset of this size")
-    p.add_argument("--method", default="compare", choices=(*METHODS, "compare"), help="compare: all three")
+    p.add_argument("--method", default="compare", choices=(*METHODS, "compare"),
+                   help=f"compare: {', '.join(COMPARED)}")
     p.add_argument("--model", default="resnet8", choices=MODELS, help="network")
     p.add_argument("--epochs", type=int, default=10, help="passes over the anchors")
-    p.add_argument("--batch-size", type=int, default=128, help="samples (ce) or anchors (cskd, ips) per step")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="samples (ce, cutmix) or anchors (cskd, ips, swap-across) per step")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (zero padding of an eighth of the side) and horizontal flip")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and method")
-    p.add_argument("--patch-size", type=int, nargs="+", default=[4], help="ips: cell size, P or PH PW")
-    p.add_argument("--swap-ratio", type=float, default=0.5, help="ips: share of the cells a pair exchanges")
+    p.add_argument("--patch-size", type=int, nargs="+", default=[4], help="ips, swap-across: cell size, P or PH PW")
+    p.add_argument("--swap-ratio", type=float, default=0.5,
+                   help="ips, swap-across: share of the cells a pair exchanges")
     p.add_argument("--alpha", type=float, default=None,
-                   help="ips: draw each pair's share of cells from Beta(alpha, alpha) instead of --swap-ratio")
-    p.add_argument("--p", type=float, default=0.5, help="ips: share of pairs that swap")
+                   help="ips, swap-across: draw each pair's share of cells from Beta(alpha, alpha) instead of "
+                        "--swap-ratio")
+    p.add_argument("--p", type=float, default=0.5, help="ips, swap-across: share of pairs that swap")
+    p.add_argument("--region", default="cells", choices=("cells", "box"),
+                   help="ips, swap-across: exchange cells drawn anywhere, or one box of cells")
     p.add_argument("--temperature", type=float, default=1.0, help="ips: distillation temperature")
     p.add_argument("--cskd-temperature", type=float, default=4.0, help="cskd: its temperature (CS-KD uses 4)")
     p.add_argument("--kd-weight", type=float, default=1.0, help="cskd, ips: weight of the distillation term")
@@ -383,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ips: swap the batch on the training device, or in the loader's workers (loader only)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--swap-examples", action=argparse.BooleanOptionalAction, default=True,
-                   help="ips: draw swapped pairs of the first batch to OUT/swaps-seedS.png")
+                   help="ips, swap-across: draw swapped pairs of the first batch to OUT/swaps-seedS.png")
     p.add_argument("--out", default=None, help="output folder (None: runs/DATA-METHOD)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (per-evaluation lines stay)")
     return p
@@ -432,18 +448,18 @@ def main(argv=None):
     dist_ctx = Distributed(args.device)
     started = time.perf_counter()
     data = load_data(args)
-    methods = METHODS if args.method == "compare" else (args.method,)
+    names = COMPARED if args.method == "compare" else (args.method,)
     if dist_ctx.main:
         print(
             f"ipsd-train: {data.name} {len(data.y_train)} train / {len(data.y_test)} test images "
             f"{data.image_shape}, {data.num_classes} classes; {args.model} on {dist_ctx.device} "
-            f"x{dist_ctx.world}, {args.pipeline} pipeline; methods {', '.join(methods)}; seeds {args.seeds}; "
+            f"x{dist_ctx.world}, {args.pipeline} pipeline; methods {', '.join(names)}; seeds {args.seeds}; "
             f"kernels {ipsd_cuda.backends()}"
         )
     runs = []
     for seed in args.seeds:
         initial = initial_weights(args, data, seed)
-        for method in methods:
+        for method in names:
             runs.append(train_one(args, method, seed, initial, data, dist_ctx))
     if dist_ctx.main:
         summary = summarise(runs)
@@ -455,7 +471,7 @@ def main(argv=None):
         wall = time.perf_counter() - started
         with open(out / "metrics.json", "w") as f:
             json.dump({"config": config, "runs": runs, "summary": summary, "wall_s": wall}, f, indent=1)
-        plot_curves(runs, METHODS, out / "curves.png")
+        plot_curves(runs, names, out / "curves.png")
         print(table(summary, args.seeds))
         print(f"wall time {duration(wall)}; wrote {out / 'metrics.json'} and {out / 'curves.png'}")
     dist_ctx.close()
