@@ -7,7 +7,8 @@ For each input: the whole ``swap`` per call, eager and replayed from a CUDA
 graph, a copy of the batch for reference (``dst.copy_(src)``), the kernel
 launches of one eager ``swap`` (from ``torch.profiler``), and the bandwidth
 of applying a fixed plan (the bytes the swap must move over the time) against
-the copy's. Prints a Markdown table.
+the copy's. Then the same for ``ipsd_cuda.CutMix`` (a box per pair, soft
+targets included). Prints two Markdown tables.
 """
 
 import argparse
@@ -31,6 +32,15 @@ INPUTS = [
     ((128, 3, 224, 224), 16, torch.float32, False),
     ((128, 3, 224, 224), 16, torch.float32, True),
     ((128, 3, 224, 224), 16, torch.bfloat16, True),
+]
+
+
+CUTMIX_INPUTS = [
+    # (shape, dtype, channels_last)
+    ((256, 3, 32, 32), torch.uint8, False),
+    ((256, 3, 32, 32), torch.float32, False),
+    ((128, 3, 224, 224), torch.float32, False),
+    ((128, 3, 224, 224), torch.bfloat16, True),
 ]
 
 
@@ -62,25 +72,35 @@ def launches(fn):
     )
 
 
-def measure(shape, patch, dtype, channels_last, calls):
+def batch(shape, dtype, channels_last):
+    """Images of ``dtype`` (values 0-255) and labels of 10 classes, on the GPU."""
     g = torch.Generator(device="cuda").manual_seed(0)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g, device="cuda").to(dtype)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, shape[:1], generator=g, device="cuda")
-    dst = torch.empty_like(images)
-    swap = lambda: ipsd_cuda.swap(images, labels, patch_size=patch, p=1.0)  # noqa: E731
-    plan = ipsd_cuda.make_plan(labels, ipsd_cuda.grid_for(images, patch), p=1.0)
-    apply = lambda: apply_plan_kernel(images, plan.partner, plan.mask, patch, patch)  # noqa: E731
+    return images, torch.randint(0, 10, shape[:1], generator=g, device="cuda")
 
+
+def captured(fn):
+    """A CUDA graph of one call of ``fn``, warmed up on a side stream first."""
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        swap()
+        fn()
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph):
-        swap()
+        fn()
+    return graph
+
+
+def measure(shape, patch, dtype, channels_last, calls):
+    images, labels = batch(shape, dtype, channels_last)
+    dst = torch.empty_like(images)
+    swap = lambda: ipsd_cuda.swap(images, labels, patch_size=patch, p=1.0)  # noqa: E731
+    plan = ipsd_cuda.make_plan(labels, ipsd_cuda.grid_for(images, patch), p=1.0)
+    apply = lambda: apply_plan_kernel(images, plan.partner, plan.mask, patch, patch)  # noqa: E731
+    graph = captured(swap)
 
     copy_s = per_call(lambda: dst.copy_(images), calls)
     apply_s = per_call(apply, calls)
@@ -92,6 +112,21 @@ def measure(shape, patch, dtype, channels_last, calls):
         copy_us=copy_s * 1e6,
         launches=launches(swap),
         apply_share_of_copy=moved_bytes(images, plan, patch) / apply_s / copy_bw,
+    )
+
+
+def measure_cutmix(shape, dtype, channels_last, calls):
+    images, labels = batch(shape, dtype, channels_last)
+    dst = torch.empty_like(images)
+    cutmix = ipsd_cuda.CutMix(10)
+    mix = lambda: cutmix(images, labels)  # noqa: E731
+    graph = captured(mix)
+    return dict(
+        input=f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {'channels_last' if channels_last else 'contiguous'}",
+        eager_us=per_call(mix, calls) * 1e6,
+        graph_us=per_call(graph.replay, calls) * 1e6,
+        copy_us=per_call(lambda: dst.copy_(images), calls) * 1e6,
+        launches=launches(mix),
     )
 
 
@@ -111,8 +146,15 @@ def main(argv=None):
             f"| {r['input']} | {r['swap_us']:.1f} µs | {r['graph_us']:.1f} µs | {r['copy_us']:.1f} µs | "
             f"{r['swap_us'] / r['copy_us']:.1f} | {r['launches']} | {r['apply_share_of_copy']:.0%} |"
         )
+    cutmix_rows = [measure_cutmix(*spec, args.calls) for spec in CUTMIX_INPUTS]
+    print("\nCutMix, a box per pair, soft targets included (alpha 1, every pair)\n")
+    print("| input | eager | graph replay | copy of the batch | launches |")
+    print("|---|---|---|---|---|")
+    for r in cutmix_rows:
+        print(f"| {r['input']} | {r['eager_us']:.1f} µs | {r['graph_us']:.1f} µs | {r['copy_us']:.1f} µs | "
+              f"{r['launches']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"swap": rows, "cutmix": cutmix_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ if os.environ.get("IPSD_FORCE_FALLBACK") != "1":
             stacklevel=2,
         )
 
+# What backends() reports, read once: every swap consults it.
+_BUILT = {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
+
 
 def backends() -> dict:
     """Which kernels were compiled into this installation, per device type.
@@ -45,7 +48,7 @@ def backends() -> dict:
         >>> ipsd_cuda.backends()  # doctest: +SKIP
         {'cpu': True, 'cuda': True}
     """
-    return {"cpu": _C is not None, "cuda": _C is not None and bool(_C.WITH_CUDA)}
+    return dict(_BUILT)
 
 
 def kernel_available(device: Union[torch.device, str, int, torch.Tensor]) -> bool:
@@ -83,7 +86,7 @@ def use_kernel(backend: str, device: torch.device) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    if backends().get(device.type, False):
+    if _BUILT.get(device.type, False):
         return True
     if backend == "kernel":
         raise RuntimeError(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .patch_swap import Targets, swap
-from .plan import PatchSize, check_plan_args, partner_mates, patch_pair
+from .plan import PatchSize, check_plan_args, patch_pair
 
 
 def _check_mix_inputs(labels, partner, share, n: Optional[int] = None, device=None) -> None:
@@ -100,13 +100,18 @@ def mix_targets(
     _check_num_classes(num_classes)
     _check_smoothing(label_smoothing)
     off = label_smoothing / num_classes
-    on = 1.0 - label_smoothing + off
-    share = share.float()
-    mate = partner_mates(partner)[1]
+    # What moves from a sample's own class to its partner's.
+    theirs = share.float() * (1.0 - label_smoothing)
     targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    targets.scatter_add_(1, labels[:, None].long(), ((on - off) * (1 - share))[:, None])
-    targets.scatter_add_(1, labels[mate][:, None].long(), ((on - off) * share)[:, None])
+    targets.scatter_add_(1, labels.long().unsqueeze(1), (1.0 - label_smoothing - theirs).unsqueeze(1))
+    targets.scatter_add_(1, _partner_labels(labels, partner).unsqueeze(1), theirs.unsqueeze(1))
     return targets
+
+
+def _partner_labels(labels: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """Each sample's partner's label as int64, its own where it has no partner."""
+    labels = labels.long()
+    return torch.where(partner >= 0, labels[partner], labels)
 
 
 def mix_cross_entropy(
@@ -151,10 +156,9 @@ def mix_cross_entropy(
     n = logits.shape[0]
     log_p = F.log_softmax(logits.float(), dim=1)
     share = share.float()
-    mate = partner_mates(partner)[1]
-    own = log_p.gather(1, labels[:, None].long()).squeeze(1)
-    theirs = log_p.gather(1, labels[mate][:, None].long()).squeeze(1)
-    loss = -((1 - share) * own + share * theirs)
+    own = log_p.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+    theirs = log_p.gather(1, _partner_labels(labels, partner).unsqueeze(1)).squeeze(1)
+    loss = -torch.lerp(own, theirs, share)
     if label_smoothing:
         loss = (1 - label_smoothing) * loss - label_smoothing * log_p.mean(dim=1)
     return loss.sum() / max(n, 1)

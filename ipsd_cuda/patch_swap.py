@@ -91,7 +91,7 @@ def _warn_if_one_cell(patch_size, h: int, w: int, grid) -> None:
 
 def _check_disjoint(named) -> None:
     """Raise if two of the (dense) tensors to be written share memory."""
-    if torch.compiler.is_compiling():
+    if len(named) < 2 or torch.compiler.is_compiling():
         # Traced tensors have no address; the eager call checks this.
         return
     spans = []

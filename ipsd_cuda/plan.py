@@ -110,14 +110,16 @@ class SwapPlan:
         # which lack (ph - last_h) rows and (pw - last_w) columns.
         last_h, last_w = h - (grid[0] - 1) * ph, w - (grid[1] - 1) * pw
         mask = self.mask
-        pixels = mask.sum(dim=(1, 2)) * (ph * pw)
+        pixels = mask.sum(dim=(1, 2))
+        if ph * pw != 1:
+            pixels *= ph * pw
         if last_h < ph:
             pixels -= mask[:, -1, :].sum(dim=1) * ((ph - last_h) * pw)
         if last_w < pw:
             pixels -= mask[:, :, -1].sum(dim=1) * (ph * (pw - last_w))
         if last_h < ph and last_w < pw:
             pixels += mask[:, -1, -1] * ((ph - last_h) * (pw - last_w))
-        return pixels.float() / (h * w)
+        return pixels.float().div_(h * w)
 
     def __repr__(self) -> str:
         """A one-line summary instead of the tensors (hundreds of lines for a real batch).
@@ -195,15 +197,22 @@ def grid_for(images_or_shape: Union[torch.Tensor, Sequence[int]], patch_size: Pa
     return cell_grid(shape[-2], shape[-1], *patch_pair(patch_size))
 
 
+def _is_number(value) -> bool:
+    """A real number that is not a bool; floats and ints first, as an ABC check costs
+    more than the rest of a small swap's checks."""
+    kind = type(value)
+    return kind is float or kind is int or (isinstance(value, Real) and kind is not bool)
+
+
 def check_plan_args(swap_ratio, alpha, p, pairing, region="cells") -> None:
     """Raise ValueError/TypeError for out-of-range plan arguments."""
     for name, value in (("swap_ratio", swap_ratio), ("p", p)):
-        if not isinstance(value, Real) or isinstance(value, bool):
+        if not _is_number(value):
             raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
         if not 0.0 <= cast(float, value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     if alpha is not None:
-        if not isinstance(alpha, Real) or isinstance(alpha, bool):
+        if not _is_number(alpha):
             raise TypeError(f"alpha must be a positive number or None, got {alpha!r}")
         if not (cast(float, alpha) > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
@@ -268,10 +277,6 @@ class _Draw(NamedTuple):
     pairing: int
     region: int
 
-    @property
-    def halves(self) -> bool:
-        return self.pairing == PAIR_HALVES
-
 
 def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator, region="cells") -> _Draw:
     """Draw a plan's keys (one call) and, with ``alpha``, its per-pair sizes.
@@ -327,7 +332,7 @@ _unchecked: List[Tuple[torch.Tensor, "torch.cuda.Event", int]] = []
 
 def defer_error(error: torch.Tensor, draw: _Draw, n: int) -> None:
     """Keep a CUDA plan's ``error`` for :func:`raise_deferred` to read later."""
-    if not draw.halves or error.device.type != "cuda" or torch.compiler.is_compiling():
+    if draw.pairing != PAIR_HALVES or error.device.type != "cuda" or torch.compiler.is_compiling():
         return
     if torch.cuda.is_current_stream_capturing():
         return

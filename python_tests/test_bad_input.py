@@ -185,7 +185,7 @@ def test_apply_plan_rejects_non_plans():
 def test_kernel_backend_without_kernel_says_how_to_build(monkeypatch):
     from ipsd_cuda import _ops
 
-    monkeypatch.setattr(_ops, "backends", lambda: {"cpu": False, "cuda": False})
+    monkeypatch.setattr(_ops, "_BUILT", {"cpu": False, "cuda": False})
     images, labels, _ = fresh()
     before = images.clone()
     with pytest.raises(RuntimeError, match="no cpu kernel"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import ipsd_cuda
-from conftest import DEVICES, IMAGE_DTYPES, kernel_available, random_bits, reference_apply, same_bits
+from conftest import DEVICES, HAS_CUDA, IMAGE_DTYPES, kernel_available, random_bits, reference_apply, same_bits
 
 
 def needs_kernel(device):
@@ -207,6 +207,43 @@ def test_cutmix_compiles_fullgraph(device):
     images = torch.rand(8, 3, 16, 16, device=device)
     doubled, targets = step(images, torch.randint(0, 10, (8,), device=device))
     assert same_bits(doubled, images * 2) and torch.allclose(targets.sum(1), torch.ones(8, device=device))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cutmix_on_cuda_never_synchronises_and_replays_in_a_graph():
+    """No call waits for the device (torch's sync debug mode raises on one), and a captured
+    CutMix replays with the eager call's boxes and targets from the same generator state."""
+    needs_kernel("cuda")
+    g = torch.Generator().manual_seed(0)
+    source = random_bits((64, 3, 32, 32), torch.bfloat16, generator=g, device="cuda")
+    labels = torch.randint(0, 10, (64,), generator=g).cuda()
+    masks = torch.randint(0, 5, (64, 32, 32), generator=g).cuda()
+    cutmix = ipsd_cuda.CutMix(10, label_smoothing=0.1)
+    cutmix(source.clone(), labels)  # warm-up: allocator and lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cutmix(source.clone(), labels, targets=masks.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static, static_masks = source.clone(), masks.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cutmix(source.clone(), labels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, captured = cutmix(static, labels, targets=static_masks)
+    eager, eager_masks = source.clone(), masks.clone()
+    torch.cuda.manual_seed(1)
+    _, expected = cutmix(eager, labels, targets=eager_masks)
+    static.copy_(source)
+    static_masks.copy_(masks)
+    torch.cuda.manual_seed(1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert same_bits(static, eager) and torch.equal(static_masks, eager_masks) and torch.equal(captured, expected)
 
 
 def test_cutmix_repr():

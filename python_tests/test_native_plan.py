@@ -309,26 +309,30 @@ def test_cuda_plan_with_more_than_65535_samples():
 
 
 @CUDA_ONLY
-def test_swap_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("pairing, region", [("random", "cells"), ("any", "box"), ("halves", "box")])
+def test_swap_replays_in_a_cuda_graph(pairing, region):
     """Captured on static tensors, a replay gives the bytes of the eager call
     from the same generator state."""
     needs_kernel("cuda")
     g = torch.Generator().manual_seed(0)
     source = random_bits((64, 3, 32, 32), torch.float32, generator=g, device="cuda")
     labels = torch.randint(0, 10, (64,), generator=g).cuda()
+    if pairing == "halves":
+        labels[32:] = labels[:32]
+    kwargs = dict(patch_size=4, pairing=pairing, region=region)
     static = source.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
-        ipsd_cuda.swap(source.clone(), labels, patch_size=4)
+        ipsd_cuda.swap(source.clone(), labels, **kwargs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = ipsd_cuda.swap(static, labels, patch_size=4)
+        captured = ipsd_cuda.swap(static, labels, **kwargs)
     for seed in (1, 2):
         eager = source.clone()
         torch.cuda.manual_seed(seed)
-        plan = ipsd_cuda.swap(eager, labels, patch_size=4)
+        plan = ipsd_cuda.swap(eager, labels, **kwargs)
         static.copy_(source)
         torch.cuda.manual_seed(seed)
         graph.replay()
@@ -339,16 +343,17 @@ def test_swap_replays_in_a_cuda_graph():
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("pairing", ["random", "halves"])
-def test_swap_on_cuda_is_three_launches(pairing):
+@pytest.mark.parametrize("pairing", ["random", "halves", "any"])
+@pytest.mark.parametrize("region", ["cells", "box"])
+def test_swap_on_cuda_is_three_launches(pairing, region):
     """One draw of keys, the pairing kernel, the cells-and-apply kernel."""
     needs_kernel("cuda")
     x = torch.rand(256, 3, 32, 32, device="cuda")
     labels = torch.arange(128, device="cuda").repeat(2)
-    ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing)
+    ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing, region=region)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing)
+        ipsd_cuda.swap(x, labels, patch_size=4, pairing=pairing, region=region)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not e.name.startswith(("Memcpy", "Memset"))]

@@ -5,9 +5,9 @@ Each case is checked against the PyTorch fallback, so a run under
 ``compute-sanitizer --tool memcheck`` (or initcheck) proves both that no
 access strays and that the results are right: ``apply_plan`` with every unit
 width, then the whole ``swap`` (the plan kernels, fused with the exchange)
-over both pairings, per-pair cell counts, mismatched halves, batches larger
-than one block of the pairing kernel and an empty image. Exits non-zero on
-any mismatch.
+over every pairing and region, per-pair cell counts and box sizes,
+mismatched halves, batches larger than one block of the pairing kernel and
+an empty image. Exits non-zero on any mismatch.
 """
 
 import sys
@@ -47,6 +47,13 @@ SWAPS = [
     (4, 1, torch.int64, (0, 8, 8), 4, dict(p=1.0)),
     # Mismatched halves: those pairs stay unpaired, the error names the first.
     (8, 4, torch.int32, (2, 9, 9), 3, dict(pairing="halves", swap_ratio=0.2)),
+    # Across classes, one box per pair: pixel boxes with per-pair sizes, boxes
+    # of partial cells, an odd batch larger than one block, a one-column grid.
+    (9, 3, torch.int64, (3, 13, 11), 1, dict(pairing="any", region="box", alpha=1.0, p=1.0)),
+    (7, 3, torch.int32, (2, 13, 11), (3, 5), dict(pairing="any", region="box", swap_ratio=0.9)),
+    (601, 7, torch.int64, (1, 6, 6), 2, dict(pairing="any", region="box")),
+    (8, 2, torch.int64, (2, 9, 3), 3, dict(pairing="halves", region="box", p=1.0)),
+    (6, 2, torch.int64, (1, 8, 8), 4, dict(pairing="any", p=1.0)),
 ]
 
 failures = 0
@@ -82,13 +89,14 @@ for n, classes, label_dtype, image, patch, kwargs in SWAPS:
     x = torch.randint(0, 256, (n, *image), device="cuda", generator=g, dtype=torch.uint8)
     grid = ipsd_cuda.grid_for(x, patch)
     ph, pw = patch_pair(patch)
-    arguments = dict(swap_ratio=0.5, alpha=None, p=0.5, pairing="random") | kwargs
+    arguments = dict(swap_ratio=0.5, alpha=None, p=0.5, pairing="random", region="cells") | kwargs
     # The op layer directly: a swap would raise for the mismatched halves of
-    # the last case on the next call, before comparing.
+    # one case on the next call, before comparing.
     draw = draw_keys(labels, grid[0] * grid[1], **arguments, generator=g)
     y = x.clone()
-    got = _ops.swap_kernel(y, labels, draw.keys, draw.pair_k, draw.k, draw.threshold, ph, pw, draw.halves)
-    want = make_plan_torch(labels, draw.keys, draw.pair_k, draw.k, draw.threshold, grid, draw.halves)
+    sizes = (draw.keys, draw.pair_size, draw.size, draw.threshold)
+    got = _ops.swap_kernel(y, labels, *sizes, ph, pw, draw.pairing, draw.region)
+    want = make_plan_torch(labels, *sizes, grid, draw.pairing, draw.region)
     expected = x.clone()
     apply_plan_torch(expected, want[0], want[1], ph, pw)
     torch.cuda.synchronize()
