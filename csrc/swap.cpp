@@ -250,6 +250,34 @@ SwapArgs check_swap_args(
   return args;
 }
 
+CellGeometry check_pixels_args(
+    const at::Tensor& mask, int64_t height, int64_t width, int64_t patch_h, int64_t patch_w) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 3, "mask must be (N, gh, gw), got shape ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.is_contiguous(), "mask must be contiguous");
+  TORCH_CHECK_VALUE(
+      height >= 0 && width >= 0 && patch_h >= 1 && patch_w >= 1 && patch_h <= std::max<int64_t>(height, 1) &&
+          patch_w <= std::max<int64_t>(width, 1),
+      "the image size must be >= 0 and the patch size in [1, max(size, 1)], got image (",
+      height,
+      ", ",
+      width,
+      ") and patch (",
+      patch_h,
+      ", ",
+      patch_w,
+      ")");
+  TORCH_CHECK_VALUE(
+      mask.size(1) == ceil_div(height, patch_h) && mask.size(2) == ceil_div(width, patch_w),
+      "mask must have the grid (",
+      ceil_div(height, patch_h),
+      ", ",
+      ceil_div(width, patch_w),
+      ") of the image and patch size, got shape ",
+      mask.sizes());
+  return CellGeometry{height, width, patch_h, patch_w, mask.size(2), mask.size(1) * mask.size(2)};
+}
+
 PlanTensors empty_plan(
     const at::Tensor& labels, int64_t grid_h, int64_t grid_w) {
   const int64_t n = labels.size(0);
@@ -273,6 +301,11 @@ TORCH_LIBRARY(ipsd_cuda, m) {
       "make_plan(Tensor labels, Tensor keys, Tensor? pair_size, int size, "
       "int threshold, int grid_h, int grid_w, int pairing, int region) "
       "-> (Tensor, Tensor, Tensor)");
+  // The pixels of each sample's masked cells (N,) int64, for images of
+  // height x width cut into patch_h x patch_w cells.
+  m.def(
+      "exchanged_pixels(Tensor mask, int height, int width, int patch_h, "
+      "int patch_w) -> Tensor");
   // make_plan and apply_plan_ on x in one call (one kernel on CUDA).
   m.def(
       "swap_(Tensor(a!) x, Tensor labels, Tensor keys, Tensor? pair_size, "

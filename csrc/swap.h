@@ -89,6 +89,11 @@ SwapArgs check_swap_args(
     int64_t region,
     int64_t max_unit_bytes);
 
+// Checks the arguments of exchanged_pixels (mask (N, gh, gw) bool, the
+// image size and the patch size whose grid it is) and describes the cells.
+CellGeometry check_pixels_args(
+    const at::Tensor& mask, int64_t height, int64_t width, int64_t patch_h, int64_t patch_w);
+
 // The plan's outputs, allocated on the labels' device: partner (N,) int64,
 // mask (N, gh, gw) bool, error () int64 (the first i whose labels differ from
 // labels[i + N/2] under pairing="halves", else -1).

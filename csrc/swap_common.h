@@ -107,6 +107,23 @@ IPSD_HOST_DEVICE index_t cell_unit_offset(
   return run_offset<index_t>(l, b, plane, row) + in_run;
 }
 
+// The pixels of the cell (row, col) of an image of `height` x `width` pixels
+// cut into patches of `patch_h` x `patch_w` (the patch no larger than the
+// image): a partial cell at the bottom or right edge has the pixels it
+// covers. Weighs a plan's exchanged cells into its share of each image.
+struct CellGeometry {
+  int64_t height;
+  int64_t width;
+  int64_t patch_h;
+  int64_t patch_w;
+  int64_t grid_w;
+  int64_t cells;
+
+  IPSD_HOST_DEVICE int64_t pixels(int64_t row, int64_t col) const {
+    return min64(patch_h, height - row * patch_h) * min64(patch_w, width - col * patch_w);
+  }
+};
+
 // Whether sample i moves its pair: each pair is moved once, by its lower
 // member, so the two members never race. A partner that is out of range or
 // does not point back (a corrupted plan handed to the raw op) moves nothing,

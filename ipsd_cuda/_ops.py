@@ -118,6 +118,11 @@ def swap_kernel(x, labels, keys, pair_size, size: int, threshold: int, patch_h: 
     )
 
 
+def exchanged_pixels_kernel(mask: torch.Tensor, height: int, width: int, patch_h: int, patch_w: int) -> torch.Tensor:
+    """Run ``ipsd_cuda::exchanged_pixels``: the pixels of each sample's masked cells, (N,) int64."""
+    return torch.ops.ipsd_cuda.exchanged_pixels.default(mask.contiguous(), height, width, patch_h, patch_w)
+
+
 def apply_plan_kernel(
     x: torch.Tensor, partner: torch.Tensor, mask: torch.Tensor, patch_h: int, patch_w: int
 ) -> None:
@@ -159,6 +164,13 @@ if _C is not None:
                      lambda: f"mask must be {(n, *grid)} bool")
         # Mutates x in place and returns nothing: no output to describe.
         return None
+
+    @torch.library.register_fake("ipsd_cuda::exchanged_pixels")
+    def _exchanged_pixels_fake(mask, height, width, patch_h, patch_w):
+        grid = (-(-height // patch_h), -(-width // patch_w))
+        torch._check(mask.dtype == torch.bool and mask.dim() == 3 and tuple(mask.shape[1:]) == grid,
+                     lambda: f"mask must be (N, {grid[0]}, {grid[1]}) bool")
+        return mask.new_empty((mask.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("ipsd_cuda::make_plan")
     def _make_plan_fake(labels, keys, pair_size, size, threshold, grid_h, grid_w, pairing, region):

@@ -32,14 +32,14 @@ from .plan import PatchSize, check_plan_args, patch_pair
 
 def _check_mix_inputs(labels, partner, share, n: Optional[int] = None, device=None) -> None:
     """Raise unless labels, partner and share are ``(N,)`` tensors of the right dtypes on one device."""
-    for name, value, ok, expected in (
-        ("labels", labels, lambda t: t.dtype in (torch.int32, torch.int64), "int32 or int64"),
-        ("partner", partner, lambda t: t.dtype == torch.int64, "int64 (pass plan.partner)"),
-        ("share", share, lambda t: t.is_floating_point(), "floating point (pass plan.share(...))"),
+    for name, value, dtypes, expected in (
+        ("labels", labels, (torch.int32, torch.int64), "int32 or int64"),
+        ("partner", partner, (torch.int64,), "int64 (pass plan.partner)"),
+        ("share", share, _FLOATS, "floating point (pass plan.share(...))"),
     ):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-        if not ok(value):
+        if value.dtype not in dtypes:
             raise TypeError(f"{name} must be {expected}, got {value.dtype}")
         if n is None:
             n, device = value.shape[0] if value.dim() == 1 else -1, value.device
@@ -47,6 +47,9 @@ def _check_mix_inputs(labels, partner, share, n: Optional[int] = None, device=No
             raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_smoothing(label_smoothing) -> None:

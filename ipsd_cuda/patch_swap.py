@@ -186,17 +186,19 @@ def swap(
     _check_swappable("images", images, IMAGE_DTYPES, ranks=(4,))
     check_layout(images, "pass images.permute(0, 3, 1, 2), a channels_last view of the same memory")
     n, _, h, w = images.shape
-    check_labels(labels, n, images.device)
+    # Read once: each read of .device builds a new object.
+    device = images.device
+    check_labels(labels, n, device)
     written = [("images", images)]
     for index, target in enumerate(_as_list(targets)):
         name = f"targets[{index}]"
-        _check_swappable(name, target, TARGET_DTYPES, shape=(n, h, w), device=images.device)
+        _check_swappable(name, target, TARGET_DTYPES, shape=(n, h, w), device=device)
         written.append((name, target))
     _check_disjoint(written)
     ph, pw = patch_pair(patch_size)
     check_plan_args(swap_ratio, alpha, p, pairing, region)
-    check_generator(generator, images.device)
-    kernel = _ops.use_kernel(backend, images.device)
+    check_generator(generator, device)
+    kernel = _ops.use_kernel(backend, device)
     raise_deferred()
     grid = cell_grid(h, w, ph, pw)
     _warn_if_one_cell(patch_size, h, w, grid)

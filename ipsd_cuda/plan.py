@@ -22,7 +22,7 @@ from ._fallback import (
     SCALE_ONE,
     make_plan_torch,
 )
-from ._ops import make_plan_kernel, use_kernel
+from ._ops import exchanged_pixels_kernel, make_plan_kernel, use_kernel
 
 PatchSize = Union[int, Tuple[int, int]]
 
@@ -106,19 +106,20 @@ class SwapPlan:
         if h * w == 0:
             return torch.zeros(self.mask.shape[0], device=self.mask.device)
         ph, pw = min(ph, h), min(pw, w)
-        # Every cell has ph * pw pixels but those of the last row and column,
-        # which lack (ph - last_h) rows and (pw - last_w) columns.
-        last_h, last_w = h - (grid[0] - 1) * ph, w - (grid[1] - 1) * pw
         mask = self.mask
-        pixels = mask.sum(dim=(1, 2))
-        if ph * pw != 1:
-            pixels *= ph * pw
-        if last_h < ph:
-            pixels -= mask[:, -1, :].sum(dim=1) * ((ph - last_h) * pw)
-        if last_w < pw:
-            pixels -= mask[:, :, -1].sum(dim=1) * (ph * (pw - last_w))
-        if last_h < ph and last_w < pw:
-            pixels += mask[:, -1, -1] * ((ph - last_h) * (pw - last_w))
+        if use_kernel("auto", mask.device):
+            pixels = exchanged_pixels_kernel(mask, h, w, ph, pw)
+        else:
+            # Every cell has ph * pw pixels but those of the last row and
+            # column, which lack (ph - last_h) rows and (pw - last_w) columns.
+            last_h, last_w = h - (grid[0] - 1) * ph, w - (grid[1] - 1) * pw
+            pixels = mask.sum(dim=(1, 2)) * (ph * pw)
+            if last_h < ph:
+                pixels -= mask[:, -1, :].sum(dim=1) * ((ph - last_h) * pw)
+            if last_w < pw:
+                pixels -= mask[:, :, -1].sum(dim=1) * (ph * (pw - last_w))
+            if last_h < ph and last_w < pw:
+                pixels += mask[:, -1, -1] * ((ph - last_h) * (pw - last_w))
         return pixels.float().div_(h * w)
 
     def __repr__(self) -> str:
@@ -165,6 +166,8 @@ def _describe(value) -> str:
 
 def patch_pair(patch_size: PatchSize) -> Tuple[int, int]:
     """``patch_size`` as ``(ph, pw)``, checked: an int or a pair of ints, each >= 1."""
+    if type(patch_size) is int and patch_size >= 1:
+        return (patch_size, patch_size)
     pair = (patch_size, patch_size) if not isinstance(patch_size, (tuple, list)) else tuple(patch_size)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"patch_size must be an int or a pair of ints (ph, pw), got {patch_size!r}")
@@ -314,11 +317,12 @@ def draw_keys(labels, cells: int, swap_ratio, alpha, p, pairing, generator, regi
         # Beta(a, a) is the first coordinate of Dirichlet(a, a); this is the
         # Beta sampler that accepts a generator.
         concentration = torch.full((pairs, 2), float(alpha), dtype=torch.float64, device=device)
-        fraction = torch._sample_dirichlet(concentration, generator=generator)[:, 0]
+        fraction = torch._sample_dirichlet(concentration, generator=generator).select(1, 0)
+        # In place where the values are new: a small batch pays per tensor op.
         if cells < 2:
             pair_size = torch.zeros(pairs, dtype=torch.int64, device=device)
         elif box:
-            pair_size = torch.round(fraction.sqrt() * SCALE_ONE).long().clamp_(1, SCALE_ONE)
+            pair_size = fraction.sqrt().mul_(SCALE_ONE).round_().long().clamp_(1, SCALE_ONE)
         else:
             pair_size = torch.round(fraction * cells).long().clamp_(1, cells - 1)
     return _Draw(keys, pair_size, size, int(p * (1 << HALF_BITS)), PAIRINGS[pairing], REGIONS[region])

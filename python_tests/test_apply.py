@@ -212,3 +212,20 @@ def test_more_samples_than_one_grid_dimension(backend):
     before = x.clone()
     plan = ipsd_cuda.swap(x, labels, patch_size=1, backend=backend)
     assert same_bits(x, reference_apply(before, plan, 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16], ids=str)
+def test_box_rows_of_every_length(device, dtype):
+    """A box of a whole grid but one column is one row run of W - 1 pixels: every run length
+    from 1 to 69 pixels, against the plain loop (the CPU kernel swaps short runs without a loop)."""
+    if not kernel_available(device):
+        pytest.skip(f"no {device} kernel built")
+    g = torch.Generator().manual_seed(8)
+    for width in range(2, 71):
+        x = random_bits((3, 2, 3, width), dtype, generator=g, device=device)
+        before = x.clone()
+        plan = ipsd_cuda.swap(x, torch.zeros(3, dtype=torch.long, device=device), patch_size=1, region="box",
+                              swap_ratio=1.0, p=1.0)
+        assert int(plan.mask[plan.partner >= 0].flatten(1).sum(1).min()) == 3 * (width - 1)
+        assert same_bits(x, reference_apply(before, plan, 1)), width

@@ -1,7 +1,8 @@
 """CutMix from the swap engine: the exchanged share, soft targets, their loss, the drop-in
 (docs/contract.md, section 10)."""
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import ipsd_cuda
+import ipsd_cuda.plan as plan_module
 from conftest import DEVICES, HAS_CUDA, IMAGE_DTYPES, kernel_available, random_bits, reference_apply, same_bits
 
 
@@ -66,6 +68,37 @@ def test_share_is_the_exchanged_pixel_fraction(device, case):
     assert torch.equal(share, moved)
     paired = plan.partner >= 0
     assert torch.equal(share[paired], share[plan.partner[paired]]) and not share[~paired].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(n=st.integers(0, 9), h=st.integers(0, 40), w=st.integers(0, 40), ph=st.integers(1, 45), pw=st.integers(1, 45),
+       seed=st.integers(0, 2**32))
+def test_exchanged_pixels_op_equals_the_fallbacks_formula(device, n, h, w, ph, pw, seed):
+    """The native count of a mask's pixels (partial edge cells by their pixels) is the fallback's,
+    on any mask, including images smaller than the patch and empty ones."""
+    needs_kernel(device)
+    from ipsd_cuda import _ops
+
+    grid = ipsd_cuda.grid_for((h, w), (ph, pw))
+    mask = (torch.rand(n, *grid, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)
+    plan = ipsd_cuda.SwapPlan(torch.full((n,), -1, device=device), mask)
+    native = plan.share((h, w), (ph, pw))
+    with _force_fallback():
+        fallback = plan.share((h, w), (ph, pw))
+    assert native.device == mask.device and torch.equal(native, fallback)
+    if h * w:
+        pixels = _ops.exchanged_pixels_kernel(mask, h, w, min(ph, h), min(pw, w))
+        rows = torch.tensor([min(ph, h - r * ph) for r in range(grid[0])], device=device)
+        cols = torch.tensor([min(pw, w - c * pw) for c in range(grid[1])], device=device)
+        assert torch.equal(pixels, (mask * rows[:, None] * cols[None, :]).sum(dim=(1, 2)))
+
+
+@contextmanager
+def _force_fallback():
+    """Within it, every ipsd_cuda call takes the PyTorch fallback."""
+    never = lambda backend, device: False  # noqa: E731
+    with mock.patch.object(ipsd_cuda._ops, "use_kernel", never), mock.patch.object(plan_module, "use_kernel", never):
+        yield
 
 
 def test_share_checks_the_geometry():
@@ -166,15 +199,14 @@ def test_cutmix_mixes_images_and_masks_with_the_same_boxes(device, dtype, channe
     assert torch.allclose(targets.sum(1), torch.ones(n, device=device))
 
 
-def test_cutmix_same_generator_same_result_on_both_backends(monkeypatch):
+def test_cutmix_same_generator_same_result_on_both_backends():
     """The drop-in draws its boxes through swap: the kernel and the fallback give the same bits."""
     results = []
     for force in (False, True):
-        if force:
-            monkeypatch.setattr(ipsd_cuda._ops, "use_kernel", lambda backend, device: False)
         x = random_bits((16, 3, 32, 32), torch.uint8, generator=torch.Generator().manual_seed(0))
         y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
-        results.append(ipsd_cuda.CutMix(10, generator=torch.Generator().manual_seed(2))(x, y))
+        with _force_fallback() if force else nullcontext():
+            results.append(ipsd_cuda.CutMix(10, generator=torch.Generator().manual_seed(2))(x, y))
     (xa, ta), (xb, tb) = results
     assert same_bits(xa, xb) and torch.equal(ta, tb)
 

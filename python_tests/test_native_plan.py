@@ -399,3 +399,6 @@ def test_plan_ops_opcheck(device):
         x = random_bits((n, 3, grid[0] * 2, grid[1] * 2), torch.float32, generator=g, device=device)
         torch.library.opcheck(torch.ops.ipsd_cuda.swap_.default,
                               (x, labels, keys, pair_size, size, 2**30, 2, 2, pairing, region))
+        mask = ipsd_cuda.make_plan(labels, grid, p=1.0).mask
+        torch.library.opcheck(torch.ops.ipsd_cuda.exchanged_pixels.default,
+                              (mask, grid[0] * 2, grid[1] * 2 - 1, 2, 2))

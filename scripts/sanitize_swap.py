@@ -7,7 +7,8 @@ access strays and that the results are right: ``apply_plan`` with every unit
 width, then the whole ``swap`` (the plan kernels, fused with the exchange)
 over every pairing and region, per-pair cell counts and box sizes,
 mismatched halves, batches larger than one block of the pairing kernel and
-an empty image. Exits non-zero on any mismatch.
+an empty image, and each plan's exchanged share against the CPU's. Exits
+non-zero on any mismatch.
 """
 
 import sys
@@ -102,4 +103,9 @@ for n, classes, label_dtype, image, patch, kwargs in SWAPS:
     torch.cuda.synchronize()
     same = all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(y, expected)
     report(same, f"swap N={n} labels {label_dtype} image {image} patch={patch} {kwargs}")
+    if image[1] * image[2]:
+        plan = ipsd_cuda.SwapPlan(*got[:2])
+        share = plan.share(image[1:], patch)
+        with_fallback = plan.to("cpu").share(image[1:], patch)
+        report(torch.equal(share.cpu(), with_fallback), f"share N={n} image {image} patch={patch} {kwargs}")
 sys.exit(1 if failures else 0)

@@ -3,9 +3,11 @@
 // (plan_common.h defines the orders); applying it is parallel over
 // (pair, grid row), each pair moved by its lower member.
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../swap.h"
@@ -263,7 +265,9 @@ void choose_cells(
   });
 }
 
-void draw_plan(
+// Draws the plan into partner, mask and error; returns each pair's leading
+// sample, in pair order (-1 for a pair left unpaired).
+std::vector<int64_t> draw_plan(
     const at::Tensor& labels,
     const PlanArgs& a,
     at::Tensor& partner,
@@ -276,6 +280,105 @@ void draw_plan(
       : pair_samples(labels.data_ptr<int64_t>(), a, p, &leaders);
   choose_cells(a, leaders, p, mask.data_ptr<bool>());
   error.fill_(first_error);
+  return leaders;
+}
+
+// A pair of the "box" region and the box it exchanges.
+struct PairBox {
+  int64_t first;
+  int64_t second;
+  CellRect box;
+};
+
+// The non-empty boxes of a "box" plan's active pairs, as choose_cells drew them.
+std::vector<PairBox> pair_boxes(const PlanArgs& a, const std::vector<int64_t>& leaders, const int64_t* partner) {
+  std::vector<PairBox> boxes;
+  if (a.cells == 0) {
+    return boxes;
+  }
+  for (int64_t s = 0; s < static_cast<int64_t>(leaders.size()); ++s) {
+    const int64_t key = a.keys[a.n + s];
+    const int64_t size = a.size_of(s);
+    if (leaders[s] < 0 || !pair_active(key, a.threshold) || size <= 0) {
+      continue;
+    }
+    const CellRect box = pair_box(pair_seed(key), size, a.grid_h, a.grid_w);
+    if (box.rows * box.cols > 0) {
+      boxes.push_back(PairBox{leaders[s], partner[leaders[s]], box});
+    }
+  }
+  return boxes;
+}
+
+// Swap two non-overlapping runs of at most kShortRunBytes bytes with no
+// loop: the first and last `width` bytes of each (which overlap when the run
+// is shorter than two widths) cover it, and every load comes before any
+// store, so an overlapped byte is written the same value twice. The
+// vectorised loop of swap_run spends most of a short run in its scalar tail.
+constexpr int64_t kShortRunBytes = 64;
+
+template <size_t width>
+inline void swap_ends(unsigned char* a, unsigned char* b, size_t bytes) {
+  unsigned char a_head[width], a_tail[width], b_head[width], b_tail[width];
+  std::memcpy(a_head, a, width);
+  std::memcpy(a_tail, a + bytes - width, width);
+  std::memcpy(b_head, b, width);
+  std::memcpy(b_tail, b + bytes - width, width);
+  std::memcpy(a, b_head, width);
+  std::memcpy(a + bytes - width, b_tail, width);
+  std::memcpy(b, a_head, width);
+  std::memcpy(b + bytes - width, a_tail, width);
+}
+
+inline void swap_short(void* x, void* y, size_t bytes) {
+  auto* a = static_cast<unsigned char*>(x);
+  auto* b = static_cast<unsigned char*>(y);
+  if (bytes >= 32) {
+    swap_ends<32>(a, b, bytes);
+  } else if (bytes >= 16) {
+    swap_ends<16>(a, b, bytes);
+  } else if (bytes >= 8) {
+    swap_ends<8>(a, b, bytes);
+  } else if (bytes >= 4) {
+    swap_ends<4>(a, b, bytes);
+  } else if (bytes >= 2) {
+    swap_ends<2>(a, b, bytes);
+  } else if (bytes == 1) {
+    std::swap(*a, *b);
+  }
+}
+
+// Exchanges each pair's box directly, one run per image row and plane: what
+// swap_cells does for a box plan, without scanning the masks (at
+// patch_size=1 a mask has a byte per pixel, and scanning it cost more than
+// the exchange).
+template <typename unit_t>
+void swap_boxes(unit_t* data, const std::vector<PairBox>& boxes, const SwapLayout& l) {
+  const int64_t sample = l.sample_units();
+  // A task moves at least ~64 KiB when its boxes are half the image.
+  const int64_t grain = std::max<int64_t>(
+      1, (int64_t{1} << 16) / std::max<int64_t>(1, sample * static_cast<int64_t>(sizeof(unit_t))));
+  at::parallel_for(0, static_cast<int64_t>(boxes.size()), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const PairBox& pair = boxes[b];
+      unit_t* x = data + pair.first * sample;
+      unit_t* y = data + pair.second * sample;
+      for (int64_t grid_row = pair.box.top; grid_row < pair.box.top + pair.box.rows; ++grid_row) {
+        const CellBox band = cell_span(l, grid_row, pair.box.left, pair.box.left + pair.box.cols);
+        const int64_t bytes = band.unit_count * static_cast<int64_t>(sizeof(unit_t));
+        for (int64_t plane = 0; plane < l.planes; ++plane) {
+          for (int64_t row = 0; row < band.row_count; ++row) {
+            const int64_t off = run_offset<int64_t>(l, band, plane, row);
+            if (bytes <= kShortRunBytes) {
+              swap_short(x + off, y + off, static_cast<size_t>(bytes));
+            } else {
+              swap_run(x + off, y + off, band.unit_count);
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 template <typename Fn>
@@ -290,6 +393,56 @@ void dispatch_unit(int64_t unit, void* data, Fn&& fn) {
     default:
       return fn(static_cast<uint64_t*>(data));
   }
+}
+
+at::Tensor exchanged_pixels_cpu(
+    const at::Tensor& mask, int64_t height, int64_t width, int64_t patch_h, int64_t patch_w) {
+  const CellGeometry g = check_pixels_args(mask, height, width, patch_h, patch_w);
+  const int64_t n = mask.size(0);
+  at::Tensor out = at::zeros({n}, mask.options().dtype(at::kLong));
+  if (g.cells == 0) {
+    return out;
+  }
+  const int64_t grid_h = g.cells / g.grid_w;
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  int64_t* pixels = out.data_ptr<int64_t>();
+  // Every cell has the pixels of cell (0, 0) but those of the last row and
+  // column: a flat count of the masked cells, which vectorises, corrected
+  // by the counts in the last row and column.
+  const int64_t full = g.pixels(0, 0);
+  const int64_t last_row = g.pixels(grid_h - 1, 0);
+  const int64_t last_col = g.pixels(0, g.grid_w - 1);
+  const int64_t corner = g.pixels(grid_h - 1, g.grid_w - 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / g.cells);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* cells = m + i * g.cells;
+      // Bytes are 0 or 1: 32-bit partial sums cannot overflow in 2^24
+      // cells, and a narrow sum vectorises several times wider.
+      int64_t all = 0;
+      for (int64_t start = 0; start < g.cells; start += int64_t{1} << 24) {
+        uint32_t part = 0;
+        const int64_t stop = std::min(g.cells, start + (int64_t{1} << 24));
+        for (int64_t c = start; c < stop; ++c) {
+          part += cells[c];
+        }
+        all += part;
+      }
+      int64_t in_last_row = 0;
+      for (int64_t col = 0; col < g.grid_w; ++col) {
+        in_last_row += cells[(grid_h - 1) * g.grid_w + col];
+      }
+      int64_t in_last_col = 0;
+      for (int64_t row = 0; row < grid_h; ++row) {
+        in_last_col += cells[row * g.grid_w + g.grid_w - 1];
+      }
+      const int64_t in_corner = cells[g.cells - 1];
+      // Inclusion-exclusion: the corner is in the last row and column both.
+      pixels[i] = all * full + in_last_row * (last_row - full) + in_last_col * (last_col - full) +
+          in_corner * (corner - last_row - last_col + full);
+    }
+  });
+  return out;
 }
 
 PlanTensors make_plan_cpu(
@@ -325,13 +478,18 @@ PlanTensors swap_cpu(
       x, labels, keys, pair_size, size, threshold, patch_h, patch_w, pairing, region, kMaxUnitBytes);
   PlanTensors plan = empty_plan(labels, s.plan.grid_h, s.plan.grid_w);
   auto& [partner, mask, error] = plan;
-  draw_plan(labels, s.plan, partner, mask, error);
+  const std::vector<int64_t> leaders = draw_plan(labels, s.plan, partner, mask, error);
   if (s.unit != 0) {
     const int64_t* p = partner.data_ptr<int64_t>();
     const bool* m = mask.data_ptr<bool>();
-    dispatch_unit(s.unit, x.data_ptr(), [&](auto* data) {
-      swap_cells(data, p, m, s.plan.n, s.layout);
-    });
+    if (s.plan.region == kRegionBox) {
+      const std::vector<PairBox> boxes = pair_boxes(s.plan, leaders, p);
+      dispatch_unit(s.unit, x.data_ptr(), [&](auto* data) { swap_boxes(data, boxes, s.layout); });
+    } else {
+      dispatch_unit(s.unit, x.data_ptr(), [&](auto* data) {
+        swap_cells(data, p, m, s.plan.n, s.layout);
+      });
+    }
   }
   return plan;
 }
@@ -358,6 +516,7 @@ void apply_plan_cpu(
 
 TORCH_LIBRARY_IMPL(ipsd_cuda, CPU, m) {
   m.impl("apply_plan_", &ipsd::apply_plan_cpu);
+  m.impl("exchanged_pixels", &ipsd::exchanged_pixels_cpu);
   m.impl("make_plan", &ipsd::make_plan_cpu);
   m.impl("swap_", &ipsd::swap_cpu);
 }

@@ -259,6 +259,35 @@ __global__ void __launch_bounds__(kCellThreads) choose_cells_kernel(
   }
 }
 
+// Block i sums the pixels of sample i's masked cells: each thread a strided
+// share of the cells, then a reduction in shared memory.
+__global__ void __launch_bounds__(kPairThreads) exchanged_pixels_kernel(
+    const bool* __restrict__ mask, CellGeometry g, int64_t n, int64_t* __restrict__ pixels) {
+  __shared__ int64_t partial[kPairThreads];
+  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    int64_t sum = 0;
+    for (int64_t c = threadIdx.x; c < g.cells; c += kPairThreads) {
+      if (mask[i * g.cells + c]) {
+        const int64_t row = c / g.grid_w;
+        sum += g.pixels(row, c - row * g.grid_w);
+      }
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = kPairThreads / 2; half > 0; half /= 2) {
+      if (threadIdx.x < half) {
+        partial[threadIdx.x] += partial[threadIdx.x + half];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      pixels[i] = partial[0];
+    }
+    // partial[0] is read before the next sample overwrites it.
+    __syncthreads();
+  }
+}
+
 dim3 cell_grid(int64_t cells, int64_t n) {
   return dim3(
       static_cast<unsigned>(std::min(
@@ -373,6 +402,22 @@ PlanTensors run_plan(
   return plan;
 }
 
+at::Tensor exchanged_pixels_cuda(
+    const at::Tensor& mask, int64_t height, int64_t width, int64_t patch_h, int64_t patch_w) {
+  const CellGeometry g = check_pixels_args(mask, height, width, patch_h, patch_w);
+  const int64_t n = mask.size(0);
+  at::Tensor pixels = at::empty({n}, mask.options().dtype(at::kLong));
+  if (n == 0) {
+    return pixels;
+  }
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto blocks = static_cast<unsigned>(std::min(n, kMaxGridX));
+  exchanged_pixels_kernel<<<blocks, kPairThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      mask.data_ptr<bool>(), g, n, pixels.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return pixels;
+}
+
 PlanTensors make_plan_cuda(
     const at::Tensor& labels,
     const at::Tensor& keys,
@@ -409,6 +454,7 @@ PlanTensors swap_cuda(
 
 TORCH_LIBRARY_IMPL(ipsd_cuda, CUDA, m) {
   m.impl("apply_plan_", &ipsd::apply_plan_cuda);
+  m.impl("exchanged_pixels", &ipsd::exchanged_pixels_cuda);
   m.impl("make_plan", &ipsd::make_plan_cuda);
   m.impl("swap_", &ipsd::swap_cuda);
 }

@@ -28,7 +28,8 @@ stopped. One progress bar covers the whole grid. At the end (or alone, with
 ``--report``) the runs are summarised into ``OUT/summary.json``,
 ``OUT/table.md`` (mean ± std over seeds, with each cell's cost: images through
 the backward pass and wall time per run), ``OUT/regimes.png`` (test top-1 and
-ECE against images per class) and ``OUT/curves.png`` (CE's and IPS's
+ECE against images per class), ``OUT/cost.png`` (test top-1 against images
+through the backward pass, per size) and ``OUT/curves.png`` (CE's and IPS's
 per-epoch train top-1 and test NLL at every size).
 
     python -m ipsd_cuda.reference.regimes                   # the README's study, ~5 h on 2 cores
@@ -385,6 +386,31 @@ def plot_regimes(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_cost(summary: dict, path: Path) -> None:
+    """Test top-1 against the images a run back-propagated, one panel per size, one point per cell
+    (± std over seeds): what each method's accuracy costs."""
+    plt = pyplot()
+    sizes = summary["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4.6), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, cell in enumerate(CELLS):
+            e = summary["cells"][size].get(cell)
+            if e is None:
+                continue
+            ax.errorbar(e["backward_images"]["mean"] / 1e3, e["top1"]["mean"], yerr=e["top1"]["std"] or 0.0,
+                        marker="o" if cell in CORE else "s", markersize=5, capsize=3, color=f"C{i % 10}",
+                        label=e["label"])
+        ax.set_title(f"{size} images per class", fontsize=10)
+        ax.set_xlabel("backward images per run (thousands)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_fit(study: Study, path: Path) -> None:
     """CE's and IPS's (defaults) train top-1 and test NLL per evaluation at every size, seed 0 or the first
     finished: whether the schedule fits the training set and where test NLL turns up."""
@@ -412,7 +438,7 @@ def plot_fit(study: Study, path: Path) -> None:
 
 
 def report(study: Study) -> str:
-    """Write summary.json, table.md, regimes.png and curves.png; return the table."""
+    """Write summary.json, table.md, regimes.png, cost.png and curves.png; return the table."""
     summary = summarise(study)
     out = Path(study.args.out)
     with open(out / "summary.json", "w") as f:
@@ -421,6 +447,7 @@ def report(study: Study) -> str:
     (out / "table.md").write_text(text + "\n")
     if summary["sizes"]:
         plot_regimes(summary, out / "regimes.png")
+        plot_cost(summary, out / "cost.png")
         plot_fit(study, out / "curves.png")
     return text
 
@@ -439,7 +466,7 @@ def main(argv=None) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     print(report(study))
     print(f"wall time {train.duration(time.perf_counter() - started)}; wrote {Path(args.out) / 'table.md'}, "
-          f"regimes.png, curves.png, summary.json")
+          f"regimes.png, cost.png, curves.png, summary.json")
 
 
 if __name__ == "__main__":
