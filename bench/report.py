@@ -15,6 +15,14 @@ plan; a copy reads and writes the batch once: ``2 * N*C*H*W * itemsize``.
 Peers are credited with the same bytes as the swap: it is the work asked of
 them, not what they actually move. Then the targets that the run covers,
 met or missed.
+
+The CutMix groups (``bench/test_bench_cutmix.py``, ``extra_info["bench"] ==
+"cutmix"``) get one table instead, a row per input: how many times faster
+``ipsd_cuda.CutMix`` (``cutmix:kernel``) is than our fallback and than each
+peer, and its cost in copies of the batch; then their targets. The peers cut
+one box for the batch, one per pair or one per sample, not quite our work,
+so the ratios say what a user gains by switching; no bandwidth, as the
+bytes each one moves differ.
 """
 
 import argparse
@@ -24,7 +32,14 @@ from pathlib import Path
 
 FALLBACK = {"plan": "plan:torch", "apply": "apply:torch", "swap": "swap:torch", "peer": "swap:torch"}
 MOVES_DATA = ("apply", "swap", "peer")  # kinds whose bandwidth means something
-COLOURS = {"reference": "0.55", "plan": "#9ecae1", "apply": "#2171b5", "swap": "#08306b", "peer": "#fd8d3c"}
+COLOURS = {
+    "reference": "0.55",
+    "plan": "#9ecae1",
+    "apply": "#2171b5",
+    "swap": "#08306b",
+    "peer": "#fd8d3c",
+    "cutmix": "#31a354",
+}
 
 # The targets, per (device, shape, dtype): how many times faster than the
 # fallback the whole swap and the plan must be; whether the whole swap must
@@ -42,6 +57,23 @@ TARGETS = {
 # torch thread per core, each parallel op then waits for a scheduler slice.
 DISTURBED_CORES = 0.5
 DISTURBED = "(!)"
+
+# The CutMix table's columns: what ``cutmix:kernel`` is compared with, and
+# the words of the header (torchvision's one box for the whole batch is less
+# work than a box per pair: the header says so).
+CUTMIX = "cutmix:kernel"
+CUTMIX_VERSUS = {
+    "cutmix:torch": "our fallback",
+    "torchvision": "torchvision (one box per batch)",
+    "timm:pair": "timm pair",
+    "timm:elem": "timm elem",
+    "kornia": "kornia",
+}
+# The CutMix targets, per device, on every input: at least how many times
+# faster than each peer ``cutmix:kernel`` must be. torchvision cuts one box
+# for the whole batch, a lower bound; timm's pair mode is the same CutMix,
+# a box per pair, in a Python loop.
+CUTMIX_TARGETS = {"cpu": {"torchvision": 1.0, "timm:pair": 10.0}}
 
 
 def load(path):
@@ -143,6 +175,66 @@ def target_checks(rows):
     return checks
 
 
+def is_cutmix(rows):
+    """Whether a group comes from the CutMix benchmarks (older runs have no "bench": swaps)."""
+    return next(iter(rows.values())).get("bench") == "cutmix"
+
+
+def disturbed(row):
+    busy = row.get("other_cores_busy")
+    return busy is not None and busy >= DISTURBED_CORES
+
+
+def input_name(info):
+    return f"{info['device']} {'x'.join(map(str, info['shape']))} {info['dtype']} {info['layout']}"
+
+
+def cutmix_table(groups):
+    """One row per input: ``cutmix:kernel``'s speedups over our fallback and the peers, and its copies."""
+    header = ["input", *(f"× {words}" for words in CUTMIX_VERSUS.values()), "copies"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rows in groups.values():
+        ours = rows.get(CUTMIX)
+        cells = [input_name(next(iter(rows.values())))]
+        for other in (*CUTMIX_VERSUS, "copy"):
+            ratio = copies(rows, CUTMIX) if other == "copy" else speedup(rows, CUTMIX, other)
+            if ratio is None:
+                cells.append("–")
+                continue
+            text = f"{ratio:.1f}" if other == "copy" else fmt_ratio(ratio)
+            cells.append(text + (f" {DISTURBED}" if disturbed(ours) or disturbed(rows[other]) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cutmix_target_checks(rows):
+    """(check, measured, met) for each CutMix target that this group covers."""
+    info = next(iter(rows.values()))
+    checks = []
+    for peer, goal in CUTMIX_TARGETS.get(info["device"], {}).items():
+        ratio = speedup(rows, CUTMIX, peer)
+        if ratio is not None:
+            checks.append((f"{CUTMIX} ≥ {goal:g}× {peer}", fmt_ratio(ratio), ratio >= goal))
+    return checks
+
+
+def cutmix_report(groups):
+    out = [
+        "\n### CutMix, a box per pair\n",
+        f"How many times faster `ipsd_cuda.CutMix` ({CUTMIX}, soft targets included) is than our "
+        "fallback (cutmix:torch) and than each peer, on the same input; – where one was skipped or "
+        f"not run. copies: its median over that of copying the batch. {DISTURBED}: other processes "
+        f"kept {DISTURBED_CORES} or more cores busy during one of the two benchmarks.\n",
+        cutmix_table(groups),
+    ]
+    checks = [(name, *check) for name, rows in groups.items() for check in cutmix_target_checks(rows)]
+    if checks:
+        out.append("\n### CutMix targets\n")
+        out.append("| group | target | measured | met |\n|---|---|---|---|")
+        out.extend(f"| {g} | {c} | {m} | {'yes' if ok else 'NO'} |" for g, c, m, ok in checks)
+    return "\n".join(out)
+
+
 def fmt_load(load):
     return "?" if load is None else ", ".join(f"{v:.2f}" for v in load)
 
@@ -167,6 +259,8 @@ def header(machine, when):
 
 def report(machine, when, groups):
     out = [header(machine, when)]
+    cutmix_groups = {name: rows for name, rows in groups.items() if is_cutmix(rows)}
+    groups = {name: rows for name, rows in groups.items() if name not in cutmix_groups}
     for name, rows in groups.items():
         info = next(iter(rows.values()))
         out.append(f"\n### {name}\n\n{info['pairs']} pairs, swap ratio {info['swap_ratio']}, "
@@ -177,6 +271,8 @@ def report(machine, when, groups):
         out.append("\n### Targets\n")
         out.append("| group | target | measured | met |\n|---|---|---|---|")
         out.extend(f"| {g} | {c} | {m} | {'yes' if ok else 'NO'} |" for g, c, m, ok in checks)
+    if cutmix_groups:
+        out.append(cutmix_report(cutmix_groups))
     return "\n".join(out)
 
 
@@ -202,7 +298,8 @@ def chart(groups, path):
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
-    legend = [Patch(color=colour, label=kind) for kind, colour in COLOURS.items()]
+    kinds = {row["kind"] for rows in groups.values() for row in rows.values()}
+    legend = [Patch(color=colour, label=kind) for kind, colour in COLOURS.items() if kind in kinds]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8)
     fig.tight_layout(rect=(0, legend_height / height, 1, 1))
     fig.savefig(path, dpi=110)

@@ -361,3 +361,17 @@ def test_box_plan_replays_on_a_mask_with_apply_plan(device):
     expected = reference_apply(mask.clone(), plan, 1)
     ipsd_cuda.apply_plan(mask, plan, patch_size=1)
     assert same_bits(mask, expected)
+
+
+def test_timm_soft_target_cross_entropy_takes_the_targets_unchanged():
+    """The README's timm loop: SoftTargetCrossEntropy on CutMix's targets is mix_cross_entropy."""
+    loss_module = pytest.importorskip("timm.loss", reason="timm is not installed")
+    g = torch.Generator().manual_seed(4)
+    images, labels = torch.rand(12, 3, 16, 16, generator=g), torch.randint(0, 7, (12,), generator=g)
+    cutmix = ipsd_cuda.CutMix(7, label_smoothing=0.1, generator=torch.Generator().manual_seed(5))
+    _, targets = cutmix(images, labels)
+    logits = torch.randn(12, 7, generator=g)
+    plan = ipsd_cuda.swap(torch.rand(12, 3, 16, 16), labels, patch_size=1, pairing="any", region="box", alpha=1.0,
+                          p=1.0, generator=torch.Generator().manual_seed(5))
+    ours = ipsd_cuda.mix_cross_entropy(logits, labels, plan.partner, plan.share((16, 16), 1), label_smoothing=0.1)
+    assert torch.allclose(loss_module.SoftTargetCrossEntropy()(logits, targets), ours, atol=1e-6)
