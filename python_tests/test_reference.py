@@ -321,8 +321,14 @@ def test_regime_study_tiny_grid_resumes(tmp_path, capsys):
     assert cells["ce-2x"]["backward_images"]["mean"] == 2 * cells["ce"]["backward_images"]["mean"]
     assert cells["ips"]["backward_images"]["mean"] == cells["ce-2x"]["backward_images"]["mean"]
     assert all((out / name).stat().st_size > 0 for name in ("regimes.png", "cost.png", "curves.png"))
-    table_md = (out / "table.md").read_text()
-    assert table_md.count("\n") == 2 + len(files)
+    table_md, paired_md = (out / "table.md").read_text().split("Paired differences, seed by seed:")
+    assert table_md.strip().count("\n") == 1 + len(files)
+    # Every question at both sizes; one seed, so no spread.
+    paired_rows = [line for line in paired_md.strip().splitlines()[2:]]
+    assert len(paired_rows) == 2 * len(regimes.PAIRED) and all("| 1/1 |" in r or "| 0/1 |" in r for r in paired_rows)
+    ce_2x = next(r for r in paired_rows if r.startswith("| 8 | IPS - CE at equal compute"))
+    expected = cells["ips"]["top1"]["mean"] - cells["ce-2x"]["top1"]["mean"]
+    assert f"| {expected:.2f} |" in ce_2x
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     capsys.readouterr()
     regimes.main(argv)

@@ -357,6 +357,50 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# The questions the comparison answers, as (cell, baseline, question): the
+# difference cell - baseline, seed by seed (same seed, same subset).
+PAIRED = (
+    ("ips", "ce", "IPS - CE"),
+    ("ips", "ce-2x", "IPS - CE at equal compute"),
+    ("ips", "cutmix", "IPS - CutMix"),
+    ("ips", "cutmix-2x", "IPS - CutMix at equal compute"),
+    ("ips-beta0.5", "cutmix-2x", "IPS Beta(0.5) - CutMix at equal compute"),
+    ("cutmix", "ce", "CutMix - CE"),
+    ("swap-only", "swap-across", "swap within classes - across classes"),
+    ("ips-box", "ips", "IPS, one box - scattered cells"),
+)
+
+
+def paired(study: Study) -> List[dict]:
+    """Per size and question, the differences in test top-1 and ECE between two cells, seed by seed."""
+    rows = []
+    for size in study.args.sizes:
+        for cell, baseline, question in PAIRED:
+            seeds = [s for s in study.args.seeds
+                     if load(study.path(size, cell, s)) is not None and load(study.path(size, baseline, s)) is not None]
+            if not seeds:
+                continue
+            diffs = {}
+            for key in ("top1", "ece"):
+                diffs[key] = [load(study.path(size, cell, s))["run"]["final"][key]
+                              - load(study.path(size, baseline, s))["run"]["final"][key] for s in seeds]
+            rows.append({"size": size, "question": question, "seeds": seeds, **diffs})
+    return rows
+
+
+def paired_markdown(rows: List[dict]) -> str:
+    """The paired differences as a markdown table: mean ± std and the seeds in which the cell was ahead."""
+    lines = ["| images/class | difference | top-1 (points) | seeds ahead | ECE (points) | seeds lower |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ahead = sum(d > 0 for d in r["top1"])
+        lower = sum(d < 0 for d in r["ece"])
+        n = len(r["seeds"])
+        lines.append(f"| {r['size']} | {r['question']} | {_cell(stats(r['top1']), 2)} | {ahead}/{n} "
+                     f"| {_cell(stats(r['ece']), 2)} | {lower}/{n} |")
+    return "\n".join(lines)
+
+
 def plot_regimes(summary: dict, path: Path) -> None:
     """Test top-1 and ECE against images per class, one line per cell, error bars ± std over seeds."""
     plt = pyplot()
@@ -443,7 +487,7 @@ def report(study: Study) -> str:
     out = Path(study.args.out)
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=1)
-    text = markdown(summary)
+    text = markdown(summary) + "\n\nPaired differences, seed by seed:\n\n" + paired_markdown(paired(study))
     (out / "table.md").write_text(text + "\n")
     if summary["sizes"]:
         plot_regimes(summary, out / "regimes.png")
