@@ -79,6 +79,13 @@ class PatchSwapCollate:
     ) -> None:
         patch_pair(patch_size)
         check_plan_args(swap_ratio, alpha, p, pairing)
+        if pairing == "any":
+            # The collate returns the labels as they are: across classes they
+            # would be wrong. CutMix returns the soft targets instead.
+            raise ValueError(
+                "PatchSwapCollate pairs within a class (pairing 'random' or 'halves'); to swap across "
+                "classes with soft targets, collate with ipsd_cuda.CutMix"
+            )
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"collate_fn must be callable or None, got {type(collate_fn).__name__}")
         self.patch_size = patch_size

@@ -31,7 +31,8 @@ from .plan import PatchSize, check_plan_args, patch_pair
 
 
 def _check_mix_inputs(labels, partner, share, n: Optional[int] = None, device=None) -> None:
-    """Raise unless labels, partner and share are ``(N,)`` tensors of the right dtypes on one device."""
+    """Raise unless labels, partner and share are ``(N,)`` tensors of the right dtypes on one device
+    (values: see :func:`_check_label_range` and :func:`_check_partner_range`)."""
     for name, value, dtypes, expected in (
         ("labels", labels, (torch.int32, torch.int64), "int32 or int64"),
         ("partner", partner, (torch.int64,), "int64 (pass plan.partner)"),
@@ -44,12 +45,36 @@ def _check_mix_inputs(labels, partner, share, n: Optional[int] = None, device=No
         if n is None:
             n, device = value.shape[0] if value.dim() == 1 else -1, value.device
         if value.dim() != 1 or value.shape[0] != n:
-            raise ValueError(f"{name} must have shape (N,) = ({n},), got {tuple(value.shape)}")
+            expected_shape = "(N,)" if n < 0 else f"(N,) = ({n},)"
+            raise ValueError(f"{name} must have shape {expected_shape}, got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _values_checked(t: torch.Tensor) -> bool:
+    """Whether the values of ``t`` are checked: on the CPU, eagerly. Elsewhere checking would
+    wait for the device, which nothing here does, so values are taken as given."""
+    return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise unless labels lie in ``[0, num_classes)``: out of range they would index
+    outside the targets."""
+    if _values_checked(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, num_classes) = [0, {num_classes}), got values in [{low}, {high}]"
+            )
+
+
+def _check_partner_range(partner: torch.Tensor) -> None:
+    """Raise unless partner lies in ``[-1, N)``."""
+    if _values_checked(partner) and (int(partner.min()) < -1 or int(partner.max()) >= partner.shape[0]):
+        raise ValueError(f"partner must lie in [-1, N) = [-1, {partner.shape[0]}) (pass plan.partner)")
 
 
 def _check_smoothing(label_smoothing) -> None:
@@ -79,8 +104,10 @@ def mix_targets(
     With label smoothing ``s`` each one-hot vector is first smoothed as in
     timm's ``mixup_target``: ``1 - s + s / C`` on its class, ``s / C``
     elsewhere. Unpaired samples (``partner == -1``) keep their own label.
-    Every row sums to one. Computed on the labels' device without a host
-    synchronisation; labels must lie in ``[0, num_classes)``.
+    Every row sums to one. Labels must lie in ``[0, num_classes)`` and
+    partners in ``[-1, N)``: checked on the CPU (a ``ValueError``); on a GPU
+    they are taken as given, since checking would wait for the device, which
+    nothing here does.
 
     Args:
         labels: ``(N,)`` int32/int64 class labels.
@@ -102,10 +129,12 @@ def mix_targets(
     _check_mix_inputs(labels, partner, share)
     _check_num_classes(num_classes)
     _check_smoothing(label_smoothing)
+    _check_label_range(labels, num_classes)
+    _check_partner_range(partner)
     off = label_smoothing / num_classes
     # What moves from a sample's own class to its partner's.
     theirs = share.float() * (1.0 - label_smoothing)
-    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    targets = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
     targets.scatter_add_(1, labels.long().unsqueeze(1), (1.0 - label_smoothing - theirs).unsqueeze(1))
     targets.scatter_add_(1, _partner_labels(labels, partner).unsqueeze(1), theirs.unsqueeze(1))
     return targets
@@ -130,8 +159,8 @@ def mix_cross_entropy(
     Equal to ``-(mix_targets(...) * log_softmax(logits)).sum(1).mean()``
     (timm's ``SoftTargetCrossEntropy`` on the soft targets), computed from one
     log-softmax and two gathers, so its memory is that of the logits however
-    many classes there are. Runs in float32 for float16/bfloat16 logits; an
-    empty batch gives 0.
+    many classes there are. Runs in float32 for float16/bfloat16 logits (in
+    float64 for float64 ones); an empty batch gives 0.
 
     Args:
         logits: ``(N, C)`` floating point.
@@ -139,7 +168,7 @@ def mix_cross_entropy(
         label_smoothing: as for :func:`mix_targets`.
 
     Returns:
-        a 0-d float32 tensor, the mean over the batch.
+        a 0-d tensor, the mean over the batch.
 
     Example:
         >>> import torch, ipsd_cuda
@@ -156,9 +185,11 @@ def mix_cross_entropy(
         raise ValueError(f"logits must be (N, C) with C >= 1, got shape {tuple(logits.shape)}")
     _check_mix_inputs(labels, partner, share, logits.shape[0], logits.device)
     _check_smoothing(label_smoothing)
+    _check_label_range(labels, logits.shape[1])
+    _check_partner_range(partner)
     n = logits.shape[0]
-    log_p = F.log_softmax(logits.float(), dim=1)
-    share = share.float()
+    log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+    share = share.to(log_p.dtype)
     own = log_p.gather(1, labels.long().unsqueeze(1)).squeeze(1)
     theirs = log_p.gather(1, _partner_labels(labels, partner).unsqueeze(1)).squeeze(1)
     loss = -torch.lerp(own, theirs, share)
@@ -175,7 +206,8 @@ class CutMix:
     ``Mixup(mixup_alpha=0, cutmix_alpha=1, mode="pair")``, drawn and
     applied on the images' device (CPU or CUDA) with no host
     synchronisation and no Python loop over the batch. The box of a pair is
-    ``round(sqrt(lam) * H)`` by ``round(sqrt(lam) * W)`` pixels with
+    ``round(sqrt(lam) * H)`` by ``round(sqrt(lam) * W)`` pixels (cells, with a
+    ``patch_size`` above 1) with
     ``lam ~ Beta(alpha, alpha)``, each side at least 1, never the whole
     image, placed uniformly where it fits (timm and torchvision clip a box
     at the border instead, which makes the border's pixels rarer). The soft
@@ -251,6 +283,12 @@ class CutMix:
             and ``(N, num_classes)`` float32 soft targets for a soft-target
             cross-entropy (timm's ``SoftTargetCrossEntropy``).
         """
+        # Before the swap writes anything: a label out of range would fail
+        # only in the targets, after the images were mixed.
+        _check_num_classes(self.num_classes)
+        _check_smoothing(self.label_smoothing)
+        if isinstance(labels, torch.Tensor) and labels.dtype in (torch.int32, torch.int64):
+            _check_label_range(labels, self.num_classes)
         plan = swap(
             images,
             labels,

@@ -81,8 +81,9 @@ class SwapPlan:
             patch_size: ``P`` or ``(ph, pw)``, as for the swap.
 
         Returns:
-            ``(N,)`` float32 in ``[0, 1]``: 0 for unpaired samples and pairs
-            that exchanged nothing, the same for both members of a pair.
+            ``(N,)`` float32 in ``[0, 1]``; for a plan from :func:`swap` or
+            :func:`make_plan`, 0 for unpaired samples and pairs that
+            exchanged nothing, the same for both members of a pair.
 
         Example:
             >>> import torch, ipsd_cuda
@@ -95,7 +96,12 @@ class SwapPlan:
             >>> plan.share((10, 10), 4)  # a whole cell, 16 of 100 pixels; one of the last row, 4 x 2
             tensor([0.1600, 0.0800, 0.1600, 0.0800])
         """
-        h, w = image_size
+        size = tuple(image_size) if isinstance(image_size, (tuple, list, torch.Size)) else (image_size,)
+        if len(size) != 2 or not all(type(v) is int for v in size):
+            raise TypeError(f"image_size must be a pair of ints (H, W), got {image_size!r}")
+        h, w = size
+        if min(h, w) < 0:
+            raise ValueError(f"image_size must be >= 0, got {image_size!r}")
         ph, pw = patch_pair(patch_size)
         grid = cell_grid(h, w, ph, pw)
         if grid != self.grid:
@@ -104,7 +110,7 @@ class SwapPlan:
                 f"{patch_size!r}, {grid}"
             )
         if h * w == 0:
-            return torch.zeros(self.mask.shape[0], device=self.mask.device)
+            return torch.zeros(self.mask.shape[0], dtype=torch.float32, device=self.mask.device)
         ph, pw = min(ph, h), min(pw, w)
         mask = self.mask
         if use_kernel("auto", mask.device):
@@ -219,9 +225,9 @@ def check_plan_args(swap_ratio, alpha, p, pairing, region="cells") -> None:
             raise TypeError(f"alpha must be a positive number or None, got {alpha!r}")
         if not (cast(float, alpha) > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if pairing not in PAIRINGS:
+    if not isinstance(pairing, str) or pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {tuple(PAIRINGS)}, got {pairing!r}")
-    if region not in REGIONS:
+    if not isinstance(region, str) or region not in REGIONS:
         raise ValueError(f"region must be one of {tuple(REGIONS)}, got {region!r}")
 
 

@@ -53,6 +53,8 @@ CASES = [
     ("pairing", ValueError, "pairing must be one of", lambda x, y, s: ((x, y), kwargs(pairing="class"))),
     ("region", ValueError, "region must be one of", lambda x, y, s: ((x, y), kwargs(region="boxes"))),
     ("region with any", ValueError, "region must be one of", lambda x, y, s: ((x, y), kwargs(pairing="any", region=None))),
+    ("pairing list", ValueError, "pairing must be one of", lambda x, y, s: ((x, y), kwargs(pairing=["any"]))),
+    ("region dict", ValueError, "region must be one of", lambda x, y, s: ((x, y), kwargs(region={"box": 1}))),
     ("halves mismatch", ValueError, r"labels\[0\] = 0 != labels\[3\] = 1", lambda x, y, s: ((x, y), kwargs(pairing="halves", targets=[s]))),
     ("backend", ValueError, "backend must be one of", lambda x, y, s: ((x, y), kwargs(backend="cuda"))),
     ("generator type", TypeError, "generator must be a torch.Generator", lambda x, y, s: ((x, y), kwargs(generator=0))),

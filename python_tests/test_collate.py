@@ -174,3 +174,9 @@ def test_channels_last_samples_are_an_error_that_names_the_fix(to_sample):
     chw = [(torch.from_numpy(a).permute(2, 0, 1), y) for a, y in zip(arrays, [0, 1] * 3)]
     _, _, plan = PatchSwapCollate(4, p=1.0)(chw)
     assert plan.grid == (8, 8) and plan.mask.any()
+
+
+def test_collate_refuses_pairing_across_classes():
+    """It returns the labels as they are: across classes they would be wrong."""
+    with pytest.raises(ValueError, match="collate with ipsd_cuda.CutMix"):
+        PatchSwapCollate(4, pairing="any")

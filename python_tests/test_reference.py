@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ipsd_cuda
-from ipsd_cuda.reference import batches, datasets, plots, regimes, train
+from ipsd_cuda.reference import batches, datasets, methods, plots, regimes, train
 from ipsd_cuda.reference.metrics import classification_metrics, expected_calibration_error
 
 
@@ -75,6 +75,14 @@ def test_swap_across_pairs_classes_and_ips_takes_a_box(tmp_path):
     assert train_stats["pairs_per_batch"] == 32 and 0.5 < train_stats["cross_class"] < 1
     metrics, out = run_train(tmp_path, "--method", "ips", "--region", "box", "--batch-size", "32")
     assert metrics["config"]["region"] == "box" and (out / "swaps-seed0.png").stat().st_size > 0
+    # The method the loop builds from those settings swaps boxes: each pair's cells, a rectangle.
+    args = train.parse_args(["--method", "ips", "--region", "box", "--p", "1"])
+    ips = methods.build("ips", methods.LossSettings(), methods.SwapSettings(4, 0.5, None, args.p, args.region), 4)
+    x = torch.randint(0, 256, (16, 1, 16, 16), dtype=torch.uint8)
+    batch = ips.prepare(x, torch.arange(8).repeat(2))
+    mask = batch.plan.mask
+    assert mask.flatten(1).any(1).all()
+    assert torch.equal(mask.flatten(1).sum(1), mask.any(2).sum(1) * mask.any(1).sum(1))
 
 
 def test_same_seed_same_initial_weights_and_result(tmp_path):

@@ -1,7 +1,8 @@
 // CPU kernels of the ipsd_cuda ops, for data-loader workers and CPU
 // training. The plan sorts the samples and selects each pair's cells
-// (plan_common.h defines the orders); applying it is parallel over
-// (pair, grid row), each pair moved by its lower member.
+// (plan_common.h defines the orders); applying it is parallel over pairs
+// (or (pair, grid row) for runs of cells), each pair moved by its lower
+// member; the fused swap of a box plan exchanges the boxes it drew.
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -47,11 +48,13 @@ void swap_selected(
 // Wider units than 8 bytes buy nothing here: the compiler widens the loops.
 constexpr int64_t kMaxUnitBytes = sizeof(uint64_t);
 
-// Cells narrower than this many bytes are swapped by selection, wider ones
-// run by run. Measured on 256x3x32x32 batches: 4-byte runs (uint8, 4-pixel
-// cells) cost several copies of the batch run by run, about two by
-// selection; from 16 bytes (float32 at 4 pixels, float16 at 8) runs were
-// faster than selection (0.6-0.8 against 1.0 copies for float32).
+// Where the runs of adjacent exchanged cells average fewer bytes than this,
+// apply swaps by selection over whole planes, else run by run. Measured on
+// 256x3x32x32 batches: 4-byte runs (uint8, 4-pixel cells) cost several
+// copies of the batch run by run, about two by selection; from 16 bytes
+// (float32 at 4 pixels, float16 at 8) runs were faster than selection
+// (0.6-0.8 against 1.0 copies for float32). The average, not the cell width,
+// decides, so a box plan of pixel cells (one long run per row) goes by runs.
 constexpr int64_t kSelectBelowBytes = 16;
 
 // Fills `select` (one plane of the sample: rows x row_units) with all ones in
