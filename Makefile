@@ -11,7 +11,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp c
 .PHONY: help install test lint typecheck sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
 
 help:
-	@echo "make compare      CE / CS-KD / IPS / CutMix on Fashion-MNIST (CPU budget), table + runs/fashion-mnist-compare/"
+	@echo "make compare      CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
 	@echo "make test         build the extension and run the test suite"
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy over the library (the reference loop excluded), against the installed torch"
@@ -20,7 +20,7 @@ help:
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
 	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"
-	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS / CutMix; python3, no venv"
+	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~7 min on an H200); python3, no venv"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The reference comparison on the full data, sized for one call on one GPU:
-# Fashion-MNIST's 60,000 training images, ResNet-18, CE / CS-KD / IPS / CutMix, seed 0,
+# Fashion-MNIST's 60,000 training images, ResNet-18, CE / CS-KD / IPS, seed 0,
 # the device-resident pipeline (the data set, crop and flip, and the swap on
 # the GPU), bf16 autocast, channels_last. Needs python3 with a CUDA torch,
 # numpy, tqdm and matplotlib (no venv, no network), and Fashion-MNIST's four
 # .gz files in $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored;
 # `make gpu-data` copies them there from /usr/share/datasets/fashion-mnist).
 #
-#   make gpu-compare              # EPOCHS epochs (default 20: ~7.8 min on one H200, estimated
-#                                 # from a timing run of the first three methods; see README)
+#   make gpu-compare              # EPOCHS epochs (default 25: ~7.3 min on one H200, measured)
 #   EPOCHS=2 make gpu-compare     # timing: s/epoch and s/evaluation of each method, and the
 #                                 # epoch count that fits BUDGET_S seconds (default 480)
 #
@@ -19,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DIR=${REPORT_DIR:-runs/gpu-compare}
 DATA=${FASHION_MNIST_DIR:-.data/fashion-mnist}
-EPOCHS=${EPOCHS:-20}
+EPOCHS=${EPOCHS:-25}
 mkdir -p "$DIR"
 export PYTHONUNBUFFERED=1
 # The system compiler, for the reason given in gpu_check.sh.
