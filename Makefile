@@ -11,7 +11,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp c
 .PHONY: help install test lint typecheck sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
 
 help:
-	@echo "make compare      CE / CS-KD / IPS on Fashion-MNIST (CPU budget, ~15 min), table + runs/fashion-mnist-compare/"
+	@echo "make compare      CE / CS-KD / IPS / CutMix on Fashion-MNIST (CPU budget, ~12 min), table + runs/fashion-mnist-compare/"
 	@echo "make test         build the extension and run the test suite"
 	@echo "make lint         ruff check"
 	@echo "make typecheck    mypy over the library (the reference loop excluded), against the installed torch"

@@ -49,7 +49,7 @@ def test_compare_one_epoch_writes_metrics_and_plot(tmp_path, capsys):
         r["final"]["top1"] for r in metrics["runs"][ips :: len(compared)]
     ]
     printed = capsys.readouterr().out
-    assert "± " in printed and "ips" in printed
+    assert "± " in printed and "ips" in printed and "cutmix" in printed
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@
 # `make gpu-data` copies them there from /usr/share/datasets/fashion-mnist).
 #
 #   make gpu-compare              # EPOCHS epochs (default 25: ~7.3 min on one H200, measured)
+#   METHODS="ce cskd ips cutmix" EPOCHS=2 make gpu-compare   # timing with CutMix too
 #   EPOCHS=2 make gpu-compare     # timing: s/epoch and s/evaluation of each method, and the
 #                                 # epoch count that fits BUDGET_S seconds (default 480)
 #
@@ -37,8 +38,9 @@ if ! $PY -c "import sys, ipsd_cuda; sys.exit(not ipsd_cuda.backends()['cuda'])" 
 fi
 build_s=$(($(date +%s) - start))
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# The three methods the epoch budget was timed with (METHODS="ce cskd ips cutmix" adds CutMix).
 # shellcheck disable=SC2086
-$PY -m ipsd_cuda.reference.train --data fashion-mnist --data-dir "$DATA" --method compare --seeds 0 \
+$PY -m ipsd_cuda.reference.train --data fashion-mnist --data-dir "$DATA" --method ${METHODS:-ce cskd ips} --seeds 0 \
   --model resnet18 --pipeline resident --amp --channels-last --epochs "$EPOCHS" \
   --eval-every $((EPOCHS >= 5 ? EPOCHS / 5 : 1)) --quiet --out "$DIR" ${GPU_COMPARE_ARGS:-} 2>&1 |
   tee "$DIR/train.log"
