@@ -188,9 +188,14 @@ def ips_loss(
     paired = partner >= 0
     mate = torch.where(paired, partner, pos)
     frozen = z.detach()
-    # Log-probabilities order the members as probabilities do, and still tell
-    # apart confidences whose probabilities underflow to 0.
-    confidence = F.log_softmax(frozen, dim=1).gather(1, labels[:, None]).squeeze(1)
+    # The log-odds of the true class, z_y - logsumexp of the other logits,
+    # order the members as their probabilities do, and stay exact at both
+    # ends: a log-probability rounds to 0 for every confident member in
+    # float32 (log(1 + 1e-9) == 0), which made confident pairs tie. One class
+    # gives +inf for both members: a tie.
+    confidence = frozen.gather(1, labels[:, None]).squeeze(1) - frozen.scatter(
+        1, labels[:, None], float("-inf")
+    ).logsumexp(dim=1)
     # Row s is a student when its mate is more confident, or equally
     # confident and of lower index. Every row is scored as if it were a
     # student and the teachers' rows are masked out: this keeps the batch

@@ -11,6 +11,12 @@ from conftest import DEVICES, HAS_CUDA
 from ipsd_cuda.loss import IPSLoss, IPSLossParts, ips_loss
 
 
+def log_odds(row, label):
+    """log(p / (1 - p)) of class ``label``: its logit minus the logsumexp of the others."""
+    others = torch.cat([row[:label], row[label + 1 :]])
+    return row[label] - (torch.logsumexp(others, dim=0) if len(others) else row.new_tensor(float("-inf")))
+
+
 def reference_loss(logits, labels, partner, temperature, kd_weight):
     """docs/contract.md section 5 as plainly as possible, in float64: a loop over the pairs."""
     z = logits.double()
@@ -21,8 +27,10 @@ def reference_loss(logits, labels, partner, temperature, kd_weight):
     for i, j in enumerate(partner.tolist()):
         if j <= i:
             continue
-        confident_i = torch.softmax(z[i], dim=0)[y[i]]
-        confident_j = torch.softmax(z[j], dim=0)[y[j]]
+        # The true class's log-odds: ordered as its probability, which float64
+        # rounds to 1 for logit gaps above ~37 (scale 20 reaches them).
+        confident_i = log_odds(z[i], y[i])
+        confident_j = log_odds(z[j], y[j])
         teacher, student = (i, j) if confident_i >= confident_j else (j, i)
         first_teacher += teacher == i
         q = torch.softmax(z[teacher].detach() / temperature, dim=0)
