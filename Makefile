@@ -8,7 +8,7 @@ TOOL_PINS := ruff==0.17.6 mypy==2.4.1 build
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: help install test lint typecheck sdist-check compare regimes bench gpu-data gpu-check gpu-compare clean
+.PHONY: help install test lint typecheck sdist-check compare regimes bench gpu-data gpu-check gpu-profile gpu-compare clean
 
 help:
 	@echo "make compare      CE / CS-KD / IPS / CutMix on Fashion-MNIST (CPU budget, ~12 min), table + runs/fashion-mnist-compare/"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench        CPU benchmarks: kernel vs fallback vs timm / torchvision / kornia"
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
 	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"
+	@echo "make gpu-profile  on a GPU machine, after gpu-check: Nsight Compute over the swap's kernels (runs/gpu-profile/)"
 	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~7 min on an H200); python3, no venv"
 
 $(BIN)/python:
@@ -81,6 +82,9 @@ bench: install
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+gpu-profile:
+	bash scripts/gpu_profile.sh
 
 # The GPU machine has no network: the data travels with the checkout, in a
 # git-ignored folder. Copies where the system package is installed, and

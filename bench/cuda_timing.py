@@ -8,7 +8,11 @@ graph, a copy of the batch for reference (``dst.copy_(src)``), the kernel
 launches of one eager ``swap`` (from ``torch.profiler``), and the bandwidth
 of applying a fixed plan (the bytes the swap must move over the time) against
 the copy's. Then the same for ``ipsd_cuda.CutMix`` (a box per pair, soft
-targets included). Prints two Markdown tables.
+targets included), and the swap's scaling in the batch size N (3x32x32 P4
+uint8, N = 64 ... 8192): the whole swap, replayed from a graph, beside its
+stages timed alone (drawing the keys, drawing a plan without data, applying a
+fixed plan), so that where the time goes shows without hardware counters.
+Prints three Markdown tables.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import torch
 
 import ipsd_cuda
 from ipsd_cuda._ops import apply_plan_kernel
+from ipsd_cuda.plan import KEY_BITS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_bench_swap import moved_bytes  # noqa: E402
@@ -34,6 +39,9 @@ INPUTS = [
     ((128, 3, 224, 224), 16, torch.bfloat16, True),
 ]
 
+
+# The scaling table's batch sizes, at 3x32x32 P4 uint8.
+SCALING_N = [64, 256, 1024, 4096, 8192]
 
 CUTMIX_INPUTS = [
     # (shape, dtype, channels_last)
@@ -130,6 +138,22 @@ def measure_cutmix(shape, dtype, channels_last, calls):
     )
 
 
+def measure_scaling(n, calls):
+    images, labels = batch((n, 3, 32, 32), torch.uint8, False)
+    grid = ipsd_cuda.grid_for(images, 4)
+    swap = lambda: ipsd_cuda.swap(images, labels, patch_size=4, p=1.0)  # noqa: E731
+    plan = ipsd_cuda.make_plan(labels, grid, p=1.0)
+    return dict(
+        n=n,
+        graph_us=per_call(captured(swap).replay, calls) * 1e6,
+        swap_us=per_call(swap, calls) * 1e6,
+        keys_us=per_call(captured(lambda: torch.randint(0, 1 << KEY_BITS, (n + n // 2,), device="cuda")).replay, calls)
+        * 1e6,
+        plan_us=per_call(captured(lambda: ipsd_cuda.make_plan(labels, grid, p=1.0)).replay, calls) * 1e6,
+        apply_us=per_call(lambda: apply_plan_kernel(images, plan.partner, plan.mask, 4, 4), calls) * 1e6,
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200)
@@ -153,8 +177,18 @@ def main(argv=None):
     for r in cutmix_rows:
         print(f"| {r['input']} | {r['eager_us']:.1f} µs | {r['graph_us']:.1f} µs | {r['copy_us']:.1f} µs | "
               f"{r['launches']} |")
+    scaling_rows = [measure_scaling(n, args.calls) for n in SCALING_N]
+    base = next(r["graph_us"] for r in scaling_rows if r["n"] == 256)
+    print("\nScaling in N, Nx3x32x32 P4 uint8 (graph replay, but eager swap and apply)\n")
+    print("| N | swap (graph) | ÷ N = 256 | swap (eager) | keys alone | plan alone | apply alone |")
+    print("|---|---|---|---|---|---|---|")
+    for r in scaling_rows:
+        print(f"| {r['n']} | {r['graph_us']:.1f} µs | {r['graph_us'] / base:.2f} | {r['swap_us']:.1f} µs | "
+              f"{r['keys_us']:.1f} µs | {r['plan_us']:.1f} µs | {r['apply_us']:.1f} µs |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"swap": rows, "cutmix": cutmix_rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"swap": rows, "cutmix": cutmix_rows, "scaling": scaling_rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":
