@@ -63,7 +63,7 @@ step bench "$DIR/bench.log" timeout 150 $PY -m pytest bench -q -p no:cacheprovid
   --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
 $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
 # Per-call times over many calls (no sync inside), graph replay, launches.
-step timing "$DIR/bench.log" timeout 60 $PY bench/cuda_timing.py
+step timing "$DIR/bench.log" timeout 90 $PY bench/cuda_timing.py
 sed -n '/^| input/,$p' "$DIR/bench.log" >>"$REPORT"
 
 echo "--- tests"
