@@ -401,6 +401,16 @@ def paired_markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _color(i: int):
+    """Cell i's color: 20 distinct ones, more than there are cells (the default cycle has 10)."""
+    return pyplot().get_cmap("tab20")(i % 20)
+
+
+def _marker(cell: str) -> str:
+    """The comparison's core cells, its other cells, and the ablations (one size each) apart."""
+    return "o" if cell in CORE else ("^" if cell in ABLATIONS else "s")
+
+
 def plot_regimes(summary: dict, path: Path) -> None:
     """Test top-1 and ECE against images per class, one line per cell, error bars ± std over seeds."""
     plt = pyplot()
@@ -413,8 +423,8 @@ def plot_regimes(summary: dict, path: Path) -> None:
         for ax, key in zip(axes, ("top1", "ece")):
             ys = [e[key]["mean"] for _, e in points]
             err = [e[key]["std"] or 0.0 for _, e in points]
-            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, label=CELLS[cell].label,
-                        linestyle="-" if cell in CORE else ":", color=f"C{i}")
+            ax.errorbar(xs, ys, yerr=err, marker=_marker(cell), markersize=4, capsize=3,
+                        label=CELLS[cell].label, linestyle="-" if cell in CORE else ":", color=_color(i))
     for ax, label in zip(axes, ("test top-1 (%)", "test ECE (%, 15 bins)")):
         ax.set_xscale("log")
         ax.set_xlabel("training images per class")
@@ -442,7 +452,7 @@ def plot_cost(summary: dict, path: Path) -> None:
             if e is None:
                 continue
             ax.errorbar(e["backward_images"]["mean"] / 1e3, e["top1"]["mean"], yerr=e["top1"]["std"] or 0.0,
-                        marker="o" if cell in CORE else "s", markersize=5, capsize=3, color=f"C{i % 10}",
+                        marker=_marker(cell), markersize=5, capsize=3, color=_color(i),
                         label=e["label"])
         ax.set_title(f"{size} images per class", fontsize=10)
         ax.set_xlabel("backward images per run (thousands)")
