@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ipsd_cuda
-from ipsd_cuda.reference import batches, datasets, methods, plots, regimes, train
+from ipsd_cuda.reference import batches, cost, datasets, methods, plots, regimes, train
 from ipsd_cuda.reference.metrics import classification_metrics, expected_calibration_error
 
 
@@ -28,6 +28,7 @@ def run_train(tmp_path, *args):
 
 def test_compare_one_epoch_writes_metrics_and_plot(tmp_path, capsys):
     metrics, out = run_train(tmp_path, "--method", "compare", "--seeds", "0", "1", "--batch-size", "32")
+    assert metrics["config"]["process_group"] is None
     assert (out / "curves.png").stat().st_size > 0
     compared = train.COMPARED
     assert [(r["method"], r["seed"]) for r in metrics["runs"]] == [(m, s) for s in (0, 1) for m in compared]
@@ -188,13 +189,14 @@ def test_metrics_against_direct_formulas():
     assert m["nll"] == pytest.approx(-probs.log()[torch.arange(500), labels].mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ce", "ips"])
-def test_two_process_ddp(tmp_path, method):
-    """torchrun with 2 CPU processes (gloo): each rank trains on half of the anchors."""
+@pytest.mark.parametrize("processes, method", [(2, "ce"), (2, "ips"), (1, "ips")])
+def test_ddp_under_torchrun(tmp_path, processes, method):
+    """torchrun with CPU processes (gloo): each rank trains on its share of the anchors;
+    one process joins a process group too, the path a cluster takes."""
     out = tmp_path / "out"
     # Its own session, so that a hang kills the workers too, not only torchrun.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
          "-m", "ipsd_cuda.reference.train", "--data", "synthetic", "--method", method, "--epochs", "1",
          "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -208,10 +210,11 @@ def test_two_process_ddp(tmp_path, method):
     assert proc.returncode == 0, stderr[-3000:]
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
-    assert metrics["config"]["world_size"] == 2
+    assert metrics["config"]["world_size"] == processes
+    assert metrics["config"]["process_group"] == "gloo"
     epoch = metrics["runs"][0]["epochs"][0]
-    # 512 samples over 2 ranks: 256 anchors per rank, 16 per step.
-    assert epoch["steps"] == 256 // 16
+    # 512 samples over the ranks, 16 anchors per step on each.
+    assert epoch["steps"] == 512 // processes // 16
     assert np.isfinite(epoch["test"]["nll"]) and epoch["images_per_s"] > 0
 
 
@@ -374,6 +377,26 @@ def test_reference_code_uses_public_names_only():
                 assert all(a.name == "ipsd_cuda" or not a.name.startswith("ipsd_cuda") for a in node.names), name
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ipsd_cuda":
                 assert node.attr in ipsd_cuda.__all__, (name, node.attr)
+
+
+def test_cost_table_names_settings_and_times_steps(tmp_path, capsys):
+    """Two calls with different settings share one table: the run with alpha 0.5 is
+    named so; a step's time and the preparation's are the epochs after the first."""
+    first, first_out = run_train(tmp_path / "a", "--method", "ce", "ips", "--epochs", "3", "--batch-size", "64")
+    _, second_out = run_train(tmp_path / "b", "--method", "ips", "--alpha", "0.5", "--p", "1", "--epochs", "2")
+    cost.main([str(first_out / "metrics.json"), str(second_out / "metrics.json")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| ce, seed 0", "| ips, seed 0", "| ips, alpha 0.5, p 1.0, seed 0"
+    ]
+    ips = first["runs"][1]["epochs"]
+    want = cost.run_cost(first["runs"][1])
+    steps = sum(e["steps"] for e in ips[1:])
+    assert want["step_ms"] == pytest.approx(sum(e["epoch_s"] for e in ips[1:]) / steps * 1e3)
+    assert want["prepare_ms"] == pytest.approx(sum(e["swap_s"] for e in ips[1:]) / steps * 1e3)
+    assert 0 < want["prepare_share"] < 1
+    assert want["backward_images"] == sum(e["backward_images"] for e in ips) == 3 * 512 * 2
+    assert f"{want['step_ms']:.1f}" in rows[1] and "–" in rows[0]
 
 
 def test_epochs_for_budget_from_a_timing_run(tmp_path):

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The reference comparison on the full data, sized for one call on one GPU:
-# Fashion-MNIST's 60,000 training images, ResNet-18, CE / CS-KD / IPS, seed 0,
-# the device-resident pipeline (the data set, crop and flip, and the swap on
-# the GPU), bf16 autocast, channels_last. Needs python3 with a CUDA torch,
-# numpy, tqdm and matplotlib (no venv, no network), and Fashion-MNIST's four
-# .gz files in $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored;
+# The reference comparison on the full data, sized for one call on one GPU per
+# part: Fashion-MNIST's 60,000 training images, ResNet-18, seed 0, the
+# device-resident pipeline (the data set, crop and flip, and the swap on the
+# GPU), bf16 autocast, channels_last. Needs python3 with a CUDA torch, numpy,
+# tqdm and matplotlib (no venv, no network), and Fashion-MNIST's four .gz
+# files in $FASHION_MNIST_DIR (default .data/fashion-mnist, git-ignored;
 # `make gpu-data` copies them there from /usr/share/datasets/fashion-mnist).
 #
-#   make gpu-compare              # EPOCHS epochs (default 25: ~7.3 min on one H200, measured)
+#   make gpu-compare              # part 1: CE / CS-KD / IPS, EPOCHS epochs (default 25: ~7.3 min
+#                                 # on one H200, measured)
+#   PART=2 make gpu-compare       # part 2: CutMix and IPS with alpha 0.5 at the same epochs, then one
+#                                 # short epoch of IPS through torchrun (nccl, one process)
 #   METHODS="ce cskd ips cutmix" EPOCHS=2 make gpu-compare   # timing with CutMix too
 #   EPOCHS=2 make gpu-compare     # timing: s/epoch and s/evaluation of each method, and the
 #                                 # epoch count that fits BUDGET_S seconds (default 480)
 #
 # Files go to $REPORT_DIR (default runs/gpu-compare): build.log (when it
-# builds), train.log, metrics.json, curves.png, swaps-seed0.png.
+# builds), train.log, metrics.json, curves.png, swaps-seed0.png; part 2 puts
+# each call's in cutmix/, ips-alpha0.5/ and torchrun/ there. Each part ends
+# with the cost table (python -m ipsd_cuda.reference.cost) of what
+# $REPORT_DIR holds: accuracy, step time and the swap's share of a step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -38,11 +44,33 @@ if ! $PY -c "import sys, ipsd_cuda; sys.exit(not ipsd_cuda.backends()['cuda'])" 
 fi
 build_s=$(($(date +%s) - start))
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# The three methods the epoch budget was timed with (METHODS="ce cskd ips cutmix" adds CutMix).
-# shellcheck disable=SC2086
-$PY -m ipsd_cuda.reference.train --data fashion-mnist --data-dir "$DATA" --method ${METHODS:-ce cskd ips} --seeds 0 \
-  --model resnet18 --pipeline resident --amp --channels-last --epochs "$EPOCHS" \
-  --eval-every $((EPOCHS >= 5 ? EPOCHS / 5 : 1)) --quiet --out "$DIR" ${GPU_COMPARE_ARGS:-} 2>&1 |
-  tee "$DIR/train.log"
+# train OUT ARGS...: one ipsd-train call on the full data with the settings above.
+train() {
+  local out=$1
+  shift
+  mkdir -p "$out"
+  # shellcheck disable=SC2086
+  $PY -m ipsd_cuda.reference.train --data fashion-mnist --data-dir "$DATA" --seeds 0 \
+    --model resnet18 --pipeline resident --amp --channels-last --epochs "$EPOCHS" \
+    --eval-every $((EPOCHS >= 5 ? EPOCHS / 5 : 1)) --quiet --out "$out" "$@" ${GPU_COMPARE_ARGS:-} 2>&1 |
+    tee "$out/train.log"
+}
+if [ "${PART:-1}" = 2 ]; then
+  train "$DIR/cutmix" --method cutmix
+  train "$DIR/ips-alpha0.5" --method ips --alpha 0.5
+  # One process: this shows that the nccl path starts, trains and finishes, not that it scales.
+  # shellcheck disable=SC2086
+  $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m ipsd_cuda.reference.train \
+    --device cuda --data fashion-mnist --data-dir "$DATA" --method ips --seeds 0 --model resnet18 \
+    --amp --channels-last --epochs 1 --quiet --no-swap-examples --out "$DIR/torchrun" ${GPU_COMPARE_ARGS:-} 2>&1 |
+    tee "$DIR/torchrun.log"
+else
+  # The three methods the epoch budget was timed with (METHODS="ce cskd ips cutmix" adds CutMix).
+  # shellcheck disable=SC2086
+  train "$DIR" --method ${METHODS:-ce cskd ips}
+fi
 echo "build ${build_s} s, whole call $(($(date +%s) - start)) s"
-$PY scripts/epochs_for_budget.py "$DIR/metrics.json" --build-s "$build_s" --budget-s "${BUDGET_S:-480}"
+if [ "${PART:-1}" != 2 ]; then
+  $PY scripts/epochs_for_budget.py "$DIR/metrics.json" --build-s "$build_s" --budget-s "${BUDGET_S:-480}"
+fi
+$PY -m ipsd_cuda.reference.cost $(find "$DIR" -name metrics.json -not -path "*/torchrun/*" | sort)

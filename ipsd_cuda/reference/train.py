@@ -72,6 +72,9 @@ class Distributed:
     """Rank, world size and device; a no-op when not launched by torchrun."""
 
     def __init__(self, device_arg: str):
+        # Launched by torchrun, even as one process: a process group and DDP,
+        # so that `torchrun --nproc_per_node=1` runs the path a cluster takes.
+        self.grouped = "WORLD_SIZE" in os.environ
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,7 +85,7 @@ class Distributed:
             torch.cuda.set_device(self.device)
             # Fixed input shapes: let cuDNN pick its fastest convolutions once.
             torch.backends.cudnn.benchmark = True
-        if self.world > 1:
+        if self.grouped:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
@@ -92,7 +95,7 @@ class Distributed:
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise mean of ``values`` over the ranks."""
-        if self.world > 1:
+        if self.grouped:
             values = values.clone()
             dist.all_reduce(values)
             values /= self.world
@@ -100,12 +103,12 @@ class Distributed:
 
     def barrier(self):
         """Wait for every rank."""
-        if self.world > 1:
+        if self.grouped:
             dist.barrier()
 
     def close(self):
         """Leave the process group."""
-        if self.world > 1:
+        if self.grouped:
             dist.destroy_process_group()
 
 
@@ -186,7 +189,7 @@ def train_one(args, method: str, seed: int, initial_state: dict, data: datasets.
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model) if dist_ctx.world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if dist_ctx.grouped else model
     if args.compile:
         net = torch.compile(net)
     swap_settings = SwapSettings(args.patch_size, args.swap_ratio, args.alpha, args.p, args.region)
@@ -474,6 +477,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         config = dict(vars(args))
         config.update(world_size=dist_ctx.world, device=str(dist_ctx.device), torch=torch.__version__,
+                      process_group=dist.get_backend() if dist_ctx.grouped else None,
                       kernels=ipsd_cuda.backends())
         wall = time.perf_counter() - started
         with open(out / "metrics.json", "w") as f:
