@@ -308,6 +308,54 @@ def test_cuda_plan_with_more_than_65535_samples():
     assert int((a.partner >= 0).sum()) > n - 8
 
 
+def swapped_cell_by_cell(x, y, plan, patch):
+    """Whether ``y`` is ``x`` swapped by ``plan``, by the plan's definition, one cell's
+    slice at a time (no copy of the batch): a chosen cell holds the partner's bytes,
+    any other its own."""
+    gh, gw = plan.grid
+    mask, partner = plan.mask.cpu(), plan.partner.tolist()
+    for i, j in enumerate(partner):
+        for r in range(gh):
+            for c in range(gw):
+                cell = (slice(None), slice(r * patch[0], (r + 1) * patch[0]), slice(c * patch[1], (c + 1) * patch[1]))
+                source = x[j] if j >= 0 and mask[i, r, c] else x[i]
+                if not torch.equal(y[i][cell], source[cell]):
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_cell_by_cell_with_partial_cells_and_one_byte_units(device):
+    """The check of the 64-bit test below, at a size every device runs."""
+    needs_kernel(device)
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randint(0, 256, (7, 1, 33, 32), dtype=torch.uint8, device=device, generator=g)
+    y = x.clone()
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 5], device=device)
+    plan = ipsd_cuda.swap(y, labels, patch_size=(5, 3), p=1.0, generator=g)
+    assert swapped_cell_by_cell(x, y, plan, (5, 3))
+    y[0, 0, 0, 0] ^= 1
+    assert not swapped_cell_by_cell(x, y, plan, (5, 3))
+
+
+@CUDA_ONLY
+def test_cuda_swap_beyond_32_bit_offsets():
+    """Samples of more than 2^30 one-byte units, the kernels' 64-bit offsets (2.1e9
+    elements in all), checked cell by cell against the plan."""
+    needs_kernel("cuda")
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    # An odd patch width makes every run a whole number of bytes only: one-byte units.
+    h, w, patch = 32769, 32768, (4097, 4095)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, 256, (2, 1, h, w), dtype=torch.uint8, device="cuda", generator=g)
+    assert x[0].numel() > 2**30 and x.numel() > 2**31
+    y = x.clone()
+    plan = ipsd_cuda.swap(y, torch.zeros(2, dtype=torch.int64, device="cuda"), patch_size=patch, p=1.0, generator=g)
+    assert plan.partner.tolist() == [1, 0] and 0 < int(plan.mask[0].sum()) < plan.grid[0] * plan.grid[1]
+    assert swapped_cell_by_cell(x, y, plan, patch)
+
+
 @CUDA_ONLY
 @pytest.mark.parametrize("pairing, region", [("random", "cells"), ("any", "box"), ("halves", "box")])
 def test_swap_replays_in_a_cuda_graph(pairing, region):
