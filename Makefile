@@ -21,7 +21,8 @@ help:
 	@echo "make gpu-data     copy Fashion-MNIST into .data/ (git-ignored) for a GPU machine without network"
 	@echo "make gpu-check    on a GPU machine: build, CUDA tests, compute-sanitizer, CUDA benchmarks (< 6 min)"
 	@echo "make gpu-profile  on a GPU machine, after gpu-check: Nsight Compute over the swap's kernels (runs/gpu-profile/)"
-	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~7 min on an H200); python3, no venv"
+	@echo "make gpu-compare  on a GPU machine: full Fashion-MNIST, ResNet-18, CE / CS-KD / IPS (~7 min on an H200); python3, no venv;"
+	@echo "                  PART=2: CutMix, IPS with alpha 0.5, one epoch under torchrun (~5.5 min, estimated)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

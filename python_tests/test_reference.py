@@ -189,6 +189,13 @@ def test_metrics_against_direct_formulas():
     assert m["nll"] == pytest.approx(-probs.log()[torch.arange(500), labels].mean().item(), rel=1e-5)
 
 
+def test_a_world_size_without_torchrun_trains_alone(tmp_path, monkeypatch):
+    """Clusters and containers may export WORLD_SIZE: only torchrun's launch joins a group."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    metrics, _ = run_train(tmp_path, "--method", "ce", "--batch-size", "64")
+    assert metrics["config"]["process_group"] is None
+
+
 @pytest.mark.parametrize("processes, method", [(2, "ce"), (2, "ips"), (1, "ips")])
 def test_ddp_under_torchrun(tmp_path, processes, method):
     """torchrun with CPU processes (gloo): each rank trains on its share of the anchors;

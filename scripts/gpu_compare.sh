@@ -26,6 +26,8 @@ PY=${PYTHON:-python3}
 DIR=${REPORT_DIR:-runs/gpu-compare}
 DATA=${FASHION_MNIST_DIR:-.data/fashion-mnist}
 EPOCHS=${EPOCHS:-25}
+PART=${PART:-1}
+case $PART in 1 | 2) ;; *) echo "PART must be 1 or 2, got '$PART'" >&2; exit 2 ;; esac
 mkdir -p "$DIR"
 export PYTHONUNBUFFERED=1
 # The system compiler, for the reason given in gpu_check.sh.
@@ -55,22 +57,28 @@ train() {
     --eval-every $((EPOCHS >= 5 ? EPOCHS / 5 : 1)) --quiet --out "$out" "$@" ${GPU_COMPARE_ARGS:-} 2>&1 |
     tee "$out/train.log"
 }
-if [ "${PART:-1}" = 2 ]; then
+torchrun_rc=0
+if [ "$PART" = 2 ]; then
   train "$DIR/cutmix" --method cutmix
   train "$DIR/ips-alpha0.5" --method ips --alpha 0.5
-  # One process: this shows that the nccl path starts, trains and finishes, not that it scales.
+  # One process, the loader pipeline, one epoch: this shows that the nccl
+  # path starts, trains and finishes, not that it scales. Its failure still
+  # leaves the cost table of the runs above, then fails the call.
   # shellcheck disable=SC2086
   $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m ipsd_cuda.reference.train \
     --device cuda --data fashion-mnist --data-dir "$DATA" --method ips --seeds 0 --model resnet18 \
     --amp --channels-last --epochs 1 --quiet --no-swap-examples --out "$DIR/torchrun" ${GPU_COMPARE_ARGS:-} 2>&1 |
-    tee "$DIR/torchrun.log"
+    tee "$DIR/torchrun.log" || torchrun_rc=$?
 else
   # The three methods the epoch budget was timed with (METHODS="ce cskd ips cutmix" adds CutMix).
   # shellcheck disable=SC2086
   train "$DIR" --method ${METHODS:-ce cskd ips}
 fi
 echo "build ${build_s} s, whole call $(($(date +%s) - start)) s"
-if [ "${PART:-1}" != 2 ]; then
+if [ "$PART" = 1 ]; then
   $PY scripts/epochs_for_budget.py "$DIR/metrics.json" --build-s "$build_s" --budget-s "${BUDGET_S:-480}"
 fi
-$PY -m ipsd_cuda.reference.cost $(find "$DIR" -name metrics.json -not -path "*/torchrun/*" | sort)
+# Every comparison run in $DIR (part 1's too, where its folder came along).
+mapfile -t runs < <(find "$DIR" -name metrics.json -not -path "*/torchrun/*" | sort)
+$PY -m ipsd_cuda.reference.cost "${runs[@]}"
+exit "$torchrun_rc"

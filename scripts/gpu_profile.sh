@@ -5,9 +5,11 @@
 # light, launch, occupancy, memory, scheduler and warp states). Clocks are
 # left as they are (--clock-control none). Writes to $REPORT_DIR (default
 # runs/gpu-profile): swap.ncu-rep (open it in Nsight Compute), details.txt
-# (every section, per kernel) and summary.txt (one line per kernel: its
-# NVTX range, time, grid, registers, SM and DRAM throughput); prints the
-# summary. Needs the extension built (make gpu-check builds it).
+# (every section, per kernel, named after the NVTX range of its call) and
+# summary.txt (one line per kernel in launch order: time, grid, registers,
+# SM and DRAM throughput, then the calls in order: a swap is several
+# launches); prints the summary. Needs the extension built (make gpu-check
+# builds it).
 #
 #   bash scripts/gpu_profile.sh
 set -uo pipefail
@@ -32,13 +34,13 @@ if [ $rc -ne 0 ] || [ ! -f "$DIR/swap.ncu-rep" ]; then
   exit 1
 fi
 "$NCU" --import "$DIR/swap.ncu-rep" --print-nvtx-rename kernel --page details >"$DIR/details.txt" 2>&1
-"$NCU" --import "$DIR/swap.ncu-rep" --page raw --csv --print-units base \
+"$NCU" --import "$DIR/swap.ncu-rep" --print-nvtx-rename kernel --page raw --csv --print-units base \
   --metrics gpu__time_duration.sum,launch__grid_size,launch__block_size,launch__registers_per_thread,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
   >"$DIR/raw.csv" 2>&1
 $PY - "$DIR/raw.csv" "$DIR/ncu.log" <<'PY' | tee "$DIR/summary.txt"
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("ID", "").isdigit()]
-calls = [l.strip() for l in open(sys.argv[2]) if ": " in l and not l.startswith("==")]
+calls = [l[len("call: "):].strip() for l in open(sys.argv[2]) if l.startswith("call: ")]
 cols = ["gpu__time_duration.sum", "launch__grid_size", "launch__block_size", "launch__registers_per_thread",
         "sm__throughput.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
         "sm__warps_active.avg.pct_of_peak_sustained_active"]

@@ -1,8 +1,9 @@
 """The workload that scripts/gpu_profile.sh profiles with Nsight Compute: a
 few swaps, plans, applied plans and CutMix calls on inputs of the README's
 tables, each warmed up outside the profiled range, so that the profile holds
-one launch of every kernel per input and nothing else. Prints, in launch
-order, which call each profiled kernel belongs to.
+one launch of every kernel per input and nothing else. Each call is an NVTX
+range named after its input and op; the calls are printed in order ("call:
+...") after the profiled range.
 """
 
 import sys
@@ -56,15 +57,15 @@ def main():
             fn()  # warm up: the allocator and lazy module loading stay out of the profile
             work.append((f"{name}: {call}", fn))
     torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
+    torch.cuda.profiler.start()
     for label, fn in work:
         torch.cuda.nvtx.range_push(label)
         fn()
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    torch.cuda.profiler.stop()
     for label, _ in work:
-        print(label)
+        print(f"call: {label}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ One Markdown row per run (method and seed), in the order given: the final
 test top-1, NLL and ECE and train top-1; the time of a training step and of
 the method's batch preparation in it (the swap or the CutMix: CUDA events on
 a GPU, wall time on the CPU), both over the epochs after the first, which
-also pays for warm-up; the preparation's share of the step; the images the
+also pays for warm-up (over the only epoch of a one-epoch run); the
+preparation's share of the step; the images the
 run back-propagated. A run whose settings differ from the defaults of
 ``ipsd-train`` in what its method reads is named with them (``ips, alpha
 0.5``), so that calls with different settings can share one table.
@@ -46,7 +47,7 @@ def run_cost(run: Dict) -> Dict:
     """A run's accuracy at the end and its per-step times over the epochs after the first."""
     epochs = run["epochs"]
     steady = epochs[1:] or epochs
-    steps = sum(e["steps"] for e in steady)
+    steps = max(sum(e["steps"] for e in steady), 1)
     step_s = sum(e["epoch_s"] for e in steady) / steps
     swap = [e["swap_s"] for e in steady if e.get("swap_s") is not None]
     prepare_s = sum(swap) / steps if len(swap) == len(steady) else None

@@ -72,9 +72,11 @@ class Distributed:
     """Rank, world size and device; a no-op when not launched by torchrun."""
 
     def __init__(self, device_arg: str):
-        # Launched by torchrun, even as one process: a process group and DDP,
-        # so that `torchrun --nproc_per_node=1` runs the path a cluster takes.
-        self.grouped = "WORLD_SIZE" in os.environ
+        # Launched by torchrun (which sets TORCHELASTIC_RUN_ID), even as one
+        # process: a process group and DDP, so that `torchrun
+        # --nproc_per_node=1` runs the path a cluster takes. A WORLD_SIZE that
+        # a cluster or container exports alone does not count.
+        self.grouped = "TORCHELASTIC_RUN_ID" in os.environ
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
