@@ -126,7 +126,12 @@ class SwapPlan:
                 pixels -= mask[:, :, -1].sum(dim=1) * (ph * (pw - last_w))
             if last_h < ph and last_w < pw:
                 pixels += mask[:, -1, -1] * ((ph - last_h) * (pw - last_w))
-        return pixels.float().div_(h * w)
+        # The quotient in float64, rounded once to float32: the same bits on
+        # every device. The divisor is a tensor on the plan's device because
+        # CUDA divides by a Python number as a product with its reciprocal,
+        # an ulp off for 9 / 20; a filled tensor needs no host sync.
+        total = torch.full((), h * w, dtype=torch.float64, device=mask.device)
+        return pixels.double().div_(total).float()
 
     def __repr__(self) -> str:
         """A one-line summary instead of the tensors (hundreds of lines for a real batch).
