@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and no network: builds the
-# extension for the visible GPU, runs the whole test suite (CUDA cases
-# included), compute-sanitizer memcheck and initcheck on small swaps, the
-# CUDA benchmarks and the per-call timings of bench/cuda_timing.py. At most
+# extension for the visible GPU, runs the small swaps of
+# scripts/sanitize_swap.py (a smoke run: if they hang, it stops there), the
+# whole test suite (CUDA cases included), compute-sanitizer memcheck and
+# initcheck on the small swaps, the CUDA benchmarks and the per-call
+# timings of bench/cuda_timing.py. Every step has a time limit. At most
 # 7 files go to $REPORT_DIR (default runs/gpu-check): build.log, tests.log,
 # sanitizer.log, bench.log, bench-cuda.json, bench-cuda.png, report.txt. The
 # report is printed last. The reference comparison on the GPU is a separate
@@ -42,28 +44,37 @@ step() {
 export CC=${IPSD_CC:-gcc} CXX=${IPSD_CXX:-g++}
 echo "compilers: $("$CXX" --version | head -n 1); nvcc $(nvcc --version | grep -o 'release [0-9.]*')" | tee -a "$REPORT"
 step build "$DIR/build.log" env IPSD_REQUIRE_EXTENSION=1 MAX_JOBS=8 \
-  $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
+  timeout -k 10 300 $PY -m pip install -v --no-build-isolation --no-deps -e . || exit 1
 $PY -c "import ipsd_cuda; print('kernels', ipsd_cuda.backends())" 2>&1 | tee -a "$REPORT"
 echo "links: $(readelf -d ipsd_cuda/_C*.so | grep -o 'NEEDED.*' | grep -oE '\[[^]]*\]' | tr -d '[]' | tr '\n' ' ')" | tee -a "$REPORT"
+# Every kernel path on small inputs first, in seconds: a kernel that hangs
+# shows here, and the steps after it, minutes of device time, are skipped.
+step smoke "$DIR/sanitizer.log" timeout -k 10 60 $PY scripts/sanitize_swap.py
+rc=$?
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  echo "smoke timed out: a kernel hangs on the small cases of scripts/sanitize_swap.py; nothing else ran" |
+    tee -a "$REPORT"
+  exit 1
+fi
 # With pytest-xdist (on the GPU image), tests run in parallel workers, and a
 # test that crashes its worker is reported as failed instead of ending the run.
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 step tests "$DIR/tests.log" env IPSD_EXPECT_KERNELS=cpu,cuda HYPOTHESIS_PROFILE=ci \
-  timeout 240 $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short ${PARALLEL[@]+"${PARALLEL[@]}"}
+  timeout -k 10 240 $PY -m pytest -q -p no:cacheprovider -rfEs --tb=short ${PARALLEL[@]+"${PARALLEL[@]}"}
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 if [ -x "$SANITIZER" ]; then
   for tool in memcheck initcheck; do
-    step "$tool" "$DIR/sanitizer.log" timeout 120 "$SANITIZER" --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
+    step "$tool" "$DIR/sanitizer.log" timeout -k 10 120 "$SANITIZER" --tool "$tool" --error-exitcode 9 $PY scripts/sanitize_swap.py
   done
 else
   echo "sanitizer  FAILED: no compute-sanitizer on PATH or in CUDA_HOME" | tee -a "$REPORT"
 fi
-step bench "$DIR/bench.log" timeout 150 $PY -m pytest bench -q -p no:cacheprovider -m cuda \
+step bench "$DIR/bench.log" timeout -k 10 150 $PY -m pytest bench -q -p no:cacheprovider -m cuda \
   --benchmark-max-time=0.2 --benchmark-min-rounds=10 --benchmark-json "$DIR/bench-cuda.json"
 $PY bench/report.py "$DIR/bench-cuda.json" --png "$DIR/bench-cuda.png" >>"$REPORT" 2>&1
 # Per-call times over many calls (no sync inside), graph replay, launches.
-step timing "$DIR/bench.log" timeout 90 $PY bench/cuda_timing.py
+step timing "$DIR/bench.log" timeout -k 10 90 $PY bench/cuda_timing.py
 sed -n '/^| input/,$p' "$DIR/bench.log" >>"$REPORT"
 
 echo "--- tests"

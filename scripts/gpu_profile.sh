@@ -22,7 +22,7 @@ if [ ! -x "$NCU" ]; then
   echo "gpu_profile: no ncu on PATH or in CUDA_HOME" | tee "$DIR/summary.txt"
   exit 1
 fi
-timeout 180 "$NCU" --clock-control none --profile-from-start off --nvtx \
+timeout -k 10 180 "$NCU" --clock-control none --profile-from-start off --nvtx \
   --section SpeedOfLight --section LaunchStats --section Occupancy \
   --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
   --export "$DIR/swap" --force-overwrite \
