@@ -131,6 +131,13 @@ def mix_targets(
     _check_smoothing(label_smoothing)
     _check_label_range(labels, num_classes)
     _check_partner_range(partner)
+    return _soft_targets(labels, partner, share, num_classes, label_smoothing)
+
+
+def _soft_targets(
+    labels: torch.Tensor, partner: torch.Tensor, share: torch.Tensor, num_classes: int, label_smoothing: float
+) -> torch.Tensor:
+    """:func:`mix_targets` on inputs already checked."""
     off = label_smoothing / num_classes
     # What moves from a sample's own class to its partner's.
     theirs = share.float() * (1.0 - label_smoothing)
@@ -303,7 +310,8 @@ class CutMix:
         )
         h, w = images.shape[-2:]
         share = plan.share((h, w), self.patch_size)
-        soft = mix_targets(labels, plan.partner, share, self.num_classes, label_smoothing=self.label_smoothing)
+        # The labels were checked above and by the swap; partner and share are the plan's.
+        soft = _soft_targets(labels, plan.partner, share, self.num_classes, self.label_smoothing)
         return images, soft
 
     def __repr__(self) -> str:

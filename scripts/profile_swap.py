@@ -7,31 +7,23 @@ range named after its input and op; the calls are printed in order ("call:
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
 import ipsd_cuda
 from ipsd_cuda._ops import apply_plan_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from cuda_timing import INPUTS as TIMED_INPUTS  # noqa: E402
+from cuda_timing import batch  # noqa: E402
+
 if not (torch.cuda.is_available() and ipsd_cuda.backends()["cuda"]):
     sys.exit("profile_swap: needs a GPU and the CUDA kernel")
 
-INPUTS = [
-    # (shape, patch, dtype, channels_last)
-    ((256, 3, 32, 32), 4, torch.uint8, False),
-    ((256, 3, 32, 32), 4, torch.float32, False),
-    ((4096, 3, 32, 32), 4, torch.uint8, False),
-    ((128, 3, 224, 224), 16, torch.float32, False),
-    ((128, 3, 224, 224), 16, torch.bfloat16, True),
-]
-
-
-def batch(shape, dtype, channels_last):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g, device="cuda").to(dtype)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, torch.randint(0, 10, shape[:1], generator=g, device="cuda")
+# The inputs of bench/cuda_timing.py's first table, and a large batch, where
+# the pairing's share of the time shows.
+INPUTS = [*TIMED_INPUTS, ((4096, 3, 32, 32), 4, torch.uint8, False)]
 
 
 def calls(shape, patch, dtype, channels_last):

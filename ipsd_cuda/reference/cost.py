@@ -14,6 +14,7 @@ run back-propagated. A run whose settings differ from the defaults of
 """
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -29,9 +30,15 @@ METHOD_SETTINGS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> Dict:
+    """ipsd-train's defaults, parsed once."""
+    return vars(build_parser().parse_args([]))
+
+
 def run_label(method: str, config: Dict) -> str:
     """The method, with the settings it reads that differ from ipsd-train's defaults."""
-    defaults = vars(build_parser().parse_args([]))
+    defaults = _defaults()
     changed = []
     for name in METHOD_SETTINGS.get(method, ()):
         value, default = config.get(name, defaults[name]), defaults[name]
